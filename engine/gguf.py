@@ -46,7 +46,14 @@ class GGUFError(ValueError):
 
 
 def type_name(ggml_type: int) -> str:
-    return GGML_TYPES[ggml_type][0] if ggml_type in GGML_TYPES else f"ggml type {ggml_type}"
+    if ggml_type in GGML_TYPES:
+        return GGML_TYPES[ggml_type][0]
+    try:  # name types we do not run (IQ*, TQ*, ...) the way llama.cpp does
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"ggml type {ggml_type}"
 
 
 @dataclass

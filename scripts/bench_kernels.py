@@ -1,0 +1,239 @@
+"""GPU benchmark of the quantized kernels against the memory-bandwidth limit and bf16 torch.matmul.
+
+    python3 scripts/bench_kernels.py                    # default sweep (fits gpu_check's 180 s)
+    python3 scripts/bench_kernels.py --types Q4_K,Q8_0 --ms 1,4,16 --shapes 8b
+    python3 scripts/bench_kernels.py --tune             # also try every config; print TABLE entries
+
+For each weight type and shape (the real models' matrices and an 8B-class layer) and each M
+(decode 1/4/16, prefill 512/2048): qmatmul time, achieved GB/s (weight + activation + output
+bytes) and its fraction of the measured device-to-device copy bandwidth (bytes read + written),
+TFLOP/s, and the speed-up over torch.matmul on the same weights dequantized to bf16. Timing:
+20 calls captured in a CUDA graph (no launch gaps), rotating over enough weight copies to defeat
+L2, median of 5 replays. Attention rows come from scripts/bench_attention.py's `rows(device)`
+when that module exists. Tables go to stdout and --out ($OUT/bench_kernels.md by default when OUT
+is set); a short summary (the issue's goals) prints last. Without CUDA it says so and exits 0;
+--device cpu runs the same code under TRITON_INTERPRET=1 on a tiny shape (a functional check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# (label, N, K, types): matrices of the three real models (their types) and an 8B-class layer.
+SHAPES = {
+    "models": [
+        ("smollm2 ffn_up", 1536, 576, ["Q4_1"]), ("smollm2 lm_head", 49152, 576, ["Q8_0"]),
+        ("gemma3 ffn_up", 2048, 640, ["Q5_0"]), ("gemma3 ffn_down", 640, 2048, ["Q4_K", "Q6_K"]),
+        ("gemma3 lm_head", 262144, 640, ["Q8_0"]), ("qwen2.5 ffn_up", 4864, 896, ["Q5_0"]),
+        ("qwen2.5 ffn_down", 896, 4864, ["Q4_K", "Q6_K"]), ("qwen2.5 lm_head", 151936, 896, ["Q8_0"]),
+    ],
+    "8b": [("8B attn_o", 4096, 4096, None), ("8B ffn_up", 14336, 4096, None), ("8B ffn_down", 4096, 14336, None)],
+    "tiny": [("tiny", 40, 256, None)],  # --device cpu: exercises this script under the interpreter
+}
+CALLS = 20  # per captured graph
+
+
+def copy_bandwidth(dev: str) -> float:
+    """Device-to-device copy, GB/s counting bytes read plus bytes written (as gpu_check.sh)."""
+    if dev == "cpu":
+        return 10.0
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").fill_(1)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    s.record()
+    for _ in range(10):
+        b.copy_(a)
+    e.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (s.elapsed_time(e) / 1e3) / 1e9
+
+
+def time_graph(fns: list, dev: str) -> float:
+    """Seconds per call: `fns` (one per weight copy) cycled CALLS times inside one CUDA graph."""
+    if dev == "cpu":  # the interpreter: one timed call, only to exercise the script
+        fns[0]()
+        t = time.perf_counter()
+        fns[0]()
+        return time.perf_counter() - t
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:  # warm up: compile, allocate, cuBLAS handles
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(CALLS):
+            fns[i % len(fns)]()
+    g.replay()
+    times = []
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / CALLS)
+    return sorted(times)[len(times) // 2]
+
+
+def copies_for(nbytes: int, dev: str) -> int:
+    if dev == "cpu":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(1, min(32, math.ceil(3 * l2 / max(nbytes, 1))))
+
+
+@lru_cache(maxsize=1)  # one shape at a time: reused for every M, then freed
+def weights(t: int, N: int, K: int, dev: str) -> tuple[list, list]:
+    """Enough copies of random blocks (and of their bf16 dequantization) to defeat L2."""
+    from engine.gguf import QuantTensor
+    from kernels import quant_layouts as L
+    from kernels import ref_quant
+
+    raw = L.random_blocks(t, N, K, torch.Generator().manual_seed(N + K + t))
+    ws = [QuantTensor("w", t, (N, K), raw.to(dev)) for _ in range(copies_for(raw.numel(), dev))]
+    dense = ref_quant.dequantize(raw, t, (N, K), act_dtype(dev)).to(dev)
+    denses = [dense] + [dense.clone() for _ in range(copies_for(dense.numel() * 2, dev) - 1)]
+    return ws, denses
+
+
+def act_dtype(dev: str) -> torch.dtype:
+    return torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter has no bf16 arithmetic
+
+
+def bench_one(t: int, N: int, K: int, M: int, copy_gbs: float, dev: str, config=None) -> dict:
+    from kernels import quant_layouts as L
+    from kernels.qmatmul import _device_info, choose, qmatmul
+
+    ws, denses = weights(t, N, K, dev)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(act_dtype(dev)).to(dev)
+    out = torch.empty(M, N, dtype=x.dtype, device=dev)
+    sec = time_graph([lambda w=w: qmatmul(x, w, config=config, out=out) for w in ws], dev)
+    ref_sec = time_graph([lambda d=d: torch.matmul(x, d.T, out=out) for d in denses], dev)
+    err = (qmatmul(x, ws[0]).float() - x.float() @ denses[0].float().T).abs().max().item()
+    moved = ws[0].data.numel() + x.numel() * x.element_size() + out.numel() * out.element_size()
+    cfg = config or choose(M, N, K, t, _device_info(torch.device(dev))[0])
+    return {"type": L.NAMES[t], "N": N, "K": K, "M": M, "kernel": cfg.kernel, "us": sec * 1e6,
+            "GB/s": moved / sec / 1e9, "%copy": 100 * moved / sec / 1e9 / copy_gbs,
+            "TFLOP/s": 2 * M * N * K / sec / 1e12, "bf16_us": ref_sec * 1e6, "speedup": ref_sec / sec,
+            "max_err": err}
+
+
+def tune(t: int, N: int, K: int, M: int, copy_gbs: float, dev: str) -> tuple:
+    """Time every config of M's kernel family; return the TABLE key and the fastest config."""
+    from kernels.qmatmul import _DEFAULTS, Config, m_bucket
+
+    b = m_bucket(M)
+    kind = _DEFAULTS[b].kernel
+    cands = {_DEFAULTS[b]}
+    if kind == "gemv":
+        cands |= {Config("gemv", b, bn, bk, nw) for bn in (8, 16, 32) for bk in (64, 128, 256) for nw in (2, 4, 8)
+                  if b * bn * bk <= 16384}
+    else:
+        # BLOCK_K 64 or 3+ stages spill registers for most types (see qmatmul._DEFAULTS)
+        cands |= {Config("mm", bm, bn, bk, nw, st) for bm in (64, 128) for bn in (64, 128) for bk in (32, 64)
+                  for nw in (4, 8) for st in (1, 2) if bm >= b or bm == 128}
+    best = min(cands, key=lambda c: bench_one(t, N, K, M, copy_gbs, dev, config=c)["us"])
+    cc = torch.cuda.get_device_capability() if dev == "cuda" else (9, 0)
+    return (b, N, K, t, cc), best
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """A markdown table over the union of the rows' keys (error rows carry other keys)."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    head = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return head + ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows] if rows else []
+
+
+def attention_rows(device: str) -> list[dict]:
+    try:
+        mod = importlib.import_module("scripts.bench_attention")
+    except ModuleNotFoundError:
+        return []
+    return mod.rows(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kernels import quant_layouts as L
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--types", default="all", help="comma list of ggml type names, or 'all'")
+    ap.add_argument("--shapes", default="8b,models", help="comma list of: 8b, models, tiny")
+    ap.add_argument("--ms", default="1,4,16,512,2048")
+    ap.add_argument("--budget", type=float, default=160.0, help="seconds; later rows are skipped past it")
+    ap.add_argument("--tune", action="store_true", help="search configs and print qmatmul.TABLE entries")
+    ap.add_argument("--no-attention", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu: a functional dry run under TRITON_INTERPRET=1")
+    ap.add_argument("--out", default="", help="also write the tables here (default: $OUT/bench_kernels.md)")
+    args = ap.parse_args(argv)
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA GPU (none visible); nothing to measure.")
+        return 0
+    by_name = {v: k for k, v in L.NAMES.items()}
+    # the goal types first, so that a spent --budget cuts the least interesting rows
+    order = [L.Q4_K, L.Q8_0, L.Q6_K, L.Q5_0, L.Q4_1, L.Q4_0, L.Q5_1, L.Q5_K, L.Q3_K, L.Q2_K, L.F16, L.BF16, L.F32]
+    types = order if args.types == "all" else [by_name[n] for n in args.types.split(",")]
+    ms = [int(m) for m in args.ms.split(",")]
+    copy_gbs = copy_bandwidth(dev)
+    if dev == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        print(f"{p.name} (cc {p.major}.{p.minor}, {p.multi_processor_count} SMs); copy bandwidth {copy_gbs:.0f} GB/s")
+    t0, rows, table, skipped = time.perf_counter(), [], {}, 0
+    attn = [] if args.no_attention else attention_rows(dev)  # first: its own rows are few and fast
+    for group in args.shapes.split(","):
+        for label, N, K, names in SHAPES[group]:
+            for t in types if names is None else [by_name[n] for n in names if by_name[n] in types]:
+                for M in ms:
+                    if time.perf_counter() - t0 > args.budget:
+                        skipped += 1
+                        continue
+                    try:
+                        rows.append({"shape": label, **bench_one(t, N, K, M, copy_gbs, dev)})
+                        if args.tune:
+                            key, cfg = tune(t, N, K, M, copy_gbs, dev)
+                            table[key] = cfg
+                    except Exception as e:  # one failing case must not hide the others
+                        rows.append({"shape": label, "type": L.NAMES[t], "M": M, "error": repr(e)[:200]})
+    lines = table_lines(rows) + table_lines(attn)
+    if skipped:
+        lines.append(f"({skipped} cases skipped: --budget {args.budget:.0f} s spent; narrow --types/--shapes/--ms)")
+    if table:
+        lines += ["# qmatmul.TABLE entries:"] + [f"    {k}: {v!r}," for k, v in sorted(table.items())]
+    out_file = args.out or (os.path.join(os.environ["OUT"], "bench_kernels.md") if os.environ.get("OUT") else "")
+    if out_file:
+        Path(out_file).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    # Last, for readers of the output's tail: the goals and each type's decode bandwidth.
+    print(f"## summary (full table{' in ' + out_file if out_file else ' above'})")
+    for r in rows:
+        if r.get("shape") == "8B attn_o" and r.get("M") == 1 and "us" in r:
+            aim = " (aim: 80% and 2.5x)" if r["type"] in ("Q4_K", "Q8_0") else ""
+            print(f"4096x4096 M=1 {r['type']}: {r['%copy']:.0f}% of copy bandwidth, "
+                  f"{r['speedup']:.2f}x bf16 torch.matmul{aim}")
+    errors = [r for r in rows if "error" in r]
+    print(f"{len(rows)} rows, {len(errors)} errors, {time.perf_counter() - t0:.0f} s")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

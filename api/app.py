@@ -1,0 +1,159 @@
+"""create_app(engine, settings) -> Starlette: the routes table, middleware and shared context.
+
+Unknown paths get a JSON 404, a known path with the wrong method a JSON 405 with an Allow
+header. Until the engine has loaded its model, everything but /health, /metrics and /v1/models
+answers 503 (Retry-After) instead of failing on a half-built engine.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import native, openai
+from .auth import APIKeyMiddleware, load_keys
+from .errors import EXCEPTION_HANDLERS, APIError, CatchAllMiddleware, loading
+from .metrics import CONTENT_TYPE, Metrics
+
+BUILD_INFO = "llamatron-0.1.0"
+
+
+class AppContext:
+    """What every handler needs; lives on app.state.ctx."""
+
+    def __init__(self, engine: Any, settings: Any) -> None:
+        self.engine, self.settings = engine, settings
+        self.metrics = Metrics(engine.stats)
+        self.model_id: str = settings.model_id()
+        self.model_path = Path(settings.model)
+        self.body_limit = int(settings.max_body_mb * 2**20)
+        self.active: dict[str, Any] = {}  # base id -> Run, for /slots
+        self.created = int(time.time())
+        self.build_info = BUILD_INFO
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.engine.ready)
+
+    @property
+    def model_names(self) -> set[str]:
+        resolved = Path(str(self.engine.config.model))
+        return {self.model_id, self.settings.model, self.model_path.name, self.model_path.stem,
+                str(resolved), resolved.name, resolved.stem}
+
+    @property
+    def vocab_size(self) -> int:
+        return min(self.engine.tokenizer.vocab_size, self.engine.model_config.vocab_size)
+
+    @property
+    def eog_ids(self) -> set[int]:
+        return set(getattr(self.engine.tokenizer, "eog_ids", ()) or ())
+
+    def check_admitting(self) -> None:
+        if self.draining:
+            raise APIError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"})
+        if not self.ready:
+            if self.engine.load_error:
+                raise APIError(503, f"The model failed to load: {self.engine.load_error}", code="model_load_failed")
+            raise loading()
+
+
+class _ReadyGate:
+    """503 while the model loads (or the server drains), for every route that needs the engine."""
+
+    OPEN = frozenset({"/health", "/v1/health", "/metrics", "/v1/models", "/models"})
+
+    def __init__(self, app: ASGIApp, ctx: AppContext) -> None:
+        self.app, self.ctx = app, ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN and scope["method"] != "OPTIONS":
+            try:
+                self.ctx.check_admitting()
+            except APIError as e:
+                await e.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def health(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    if ctx.engine.load_error:
+        return APIError(503, f"The model failed to load: {ctx.engine.load_error}", code="model_load_failed").response()
+    if not ctx.ready:
+        return loading().response()
+    return JSONResponse({"status": "ok"})
+
+
+def _model_card(ctx: AppContext) -> dict[str, Any]:
+    card: dict[str, Any] = {"id": ctx.model_id, "object": "model", "created": ctx.created, "owned_by": "llamatron"}
+    if ctx.ready:
+        mc = ctx.engine.model_config
+        card["meta"] = {"arch": mc.arch, "n_vocab": mc.vocab_size, "n_ctx": ctx.engine.config.max_model_len,
+                        "n_ctx_train": mc.context_length, "n_embd": mc.hidden_size, "n_layers": mc.n_layers}
+    return card
+
+
+async def models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_model_card(request.app.state.ctx)]})
+
+
+async def model(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    name = request.path_params["model"]
+    if name not in ctx.model_names:
+        raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found",
+                       type="invalid_request_error")
+    return JSONResponse(_model_card(ctx))
+
+
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+
+ROUTES = [
+    Route("/health", health, methods=["GET"]),
+    Route("/v1/health", health, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/v1/models", models, methods=["GET"]),
+    Route("/models", models, methods=["GET"]),
+    Route("/v1/models/{model:path}", model, methods=["GET"]),
+    Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
+    Route("/chat/completions", openai.chat_completions, methods=["POST"]),
+    Route("/v1/completions", openai.completions, methods=["POST"]),
+    Route("/completions", openai.completions, methods=["POST"]),
+    Route("/completion", native.completion, methods=["POST"]),
+    Route("/tokenize", native.tokenize, methods=["POST"]),
+    Route("/detokenize", native.detokenize, methods=["POST"]),
+    Route("/apply-template", native.apply_template, methods=["POST"]),
+    Route("/props", native.props, methods=["GET"]),
+    Route("/slots", native.slots, methods=["GET"]),
+]
+
+
+def create_app(engine: Any, settings: Any) -> Starlette:
+    ctx = AppContext(engine, settings)
+    middleware = [Middleware(CatchAllMiddleware)]
+    if settings.cors_origin:
+        # outermost, so preflight OPTIONS is answered before the key check
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origin),
+                                     allow_methods=["GET", "POST", "OPTIONS"],
+                                     allow_headers=["Authorization", "Content-Type", "X-Api-Key"],
+                                     expose_headers=["Retry-After"], max_age=600))
+    keys = load_keys(settings.api_key, settings.api_key_file or None)
+    if keys:
+        middleware.append(Middleware(APIKeyMiddleware, keys=keys))
+    middleware.append(Middleware(_ReadyGate, ctx=ctx))
+    app = Starlette(routes=ROUTES, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.ctx = ctx
+    return app

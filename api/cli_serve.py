@@ -1,0 +1,75 @@
+"""`llamatron serve [MODEL]`: flags in llama-server's spelling; defaults live in configs/server.toml.
+
+Every flag defaults to None here so that only flags actually given override the config layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from .server import ServerSettings, SettingsError, load_settings, run_server
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", default=None,
+                   help="registry name or path to a .gguf file (same as -m)")
+    p.add_argument("-m", "--model", default=None, help="registry name or path to a .gguf file")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port to listen on (default 8080)")
+    p.add_argument("-a", "--alias", default=None, help="model id reported to clients")
+    p.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=None,
+                   help="max tokens per sequence (0 = the model's, capped at 8192 on CPU)")
+    p.add_argument("-np", "--parallel", type=int, default=None, help="sequences decoded together")
+    p.add_argument("--max-batched-tokens", dest="max_batched_tokens", type=int, default=None,
+                   help="token budget of one engine step")
+    p.add_argument("--kv-cache-gib", dest="kv_cache_gib", type=float, default=None,
+                   help="KV-cache pool size in GiB (CPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--api-key", dest="api_key", action="append", default=None,
+                   help="require this key (repeatable)")
+    p.add_argument("--api-key-file", dest="api_key_file", default=None, help="file with one key per line")
+    p.add_argument("--chat-template", dest="chat_template", default=None, metavar="FILE",
+                   help="jinja chat template file overriding the model's")
+    p.add_argument("--cors-origin", dest="cors_origin", action="append", default=None,
+                   help="allow this CORS origin (repeatable; '*' for any)")
+    p.add_argument("--config", default=None, metavar="FILE", help="TOML file with settings")
+    p.add_argument("--log-format", dest="log_format", choices=("text", "json"), default=None)
+    p.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"), default=None)
+    p.add_argument("--grace-period", dest="grace_period", type=float, default=None,
+                   help="seconds in-flight requests get on SIGTERM before they are aborted")
+    p.add_argument("--max-body-mb", dest="max_body_mb", type=float, default=None,
+                   help="largest accepted request body (413 above)")
+    p.add_argument("--keep-alive", dest="keep_alive_s", type=int, default=None,
+                   help="idle seconds before a kept-alive connection is closed")
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    fields = {f.name for f in dataclasses.fields(ServerSettings)}
+    cli = {k: v for k, v in vars(args).items() if k in fields}  # the main parser may add its own keys
+    if args.model_pos is not None:
+        if args.model is not None and args.model != args.model_pos:
+            raise SettingsError("give the model either as MODEL or with -m, not both")
+        cli["model"] = args.model_pos
+    return load_settings(cli, config_file=args.config)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as e:
+        print(f"llamatron serve: {e}", file=sys.stderr)
+        return 2
+    return run_server(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llamatron serve")
+    add_serve_args(p)
+    return serve_main(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

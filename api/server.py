@@ -1,0 +1,231 @@
+"""Server settings (defaults file < --config file < LLAMATRON_* env < flags) and `run_server`.
+
+`run_server` starts the AsyncEngine (the model loads on the engine thread while /health answers
+503), serves the app with uvicorn, prints one start-up line once the model is ready, and on
+SIGTERM/SIGINT stops admitting, gives in-flight requests `grace_period` seconds, aborts the rest,
+and returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("llamatron.server")
+
+
+@dataclass
+class ServerSettings:
+    model: str = "smollm2-135m-instruct"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    alias: str = ""
+    ctx_size: int = 0
+    parallel: int = 8
+    max_batched_tokens: int = 2048
+    kv_cache_gib: float = 1.0
+    device: str = "auto"
+    api_key: list[str] = field(default_factory=list)
+    api_key_file: str = ""
+    chat_template: str = ""
+    cors_origin: list[str] = field(default_factory=list)
+    log_format: str = "text"
+    log_level: str = "info"
+    grace_period: float = 10.0
+    max_body_mb: float = 32.0
+    keep_alive_s: int = 30
+
+    def model_id(self) -> str:
+        """The id clients see: the alias, else the registry name or the file's stem."""
+        if self.alias:
+            return self.alias
+        p = Path(self.model)
+        return p.stem if p.suffix == ".gguf" else self.model
+
+    def engine_config(self) -> Any:
+        from engine.config import EngineConfig
+
+        return EngineConfig(model=self.model, device=self.device, max_model_len=self.ctx_size,
+                            max_num_seqs=self.parallel, max_num_batched_tokens=self.max_batched_tokens,
+                            kv_cache_gib=self.kv_cache_gib, chat_template=self.chat_template or None)
+
+
+class SettingsError(ValueError):
+    pass
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerSettings)}
+
+
+def _coerce(name: str, value: Any, from_text: bool) -> Any:
+    """Checks/converts one value to the field's type; env values arrive as text."""
+    kind = _FIELDS[name].type
+    try:
+        if kind == "list[str]":
+            if from_text:
+                return [v.strip() for v in str(value).split(",") if v.strip()]
+            if isinstance(value, str):
+                return [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return list(value)
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise TypeError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError
+            return float(value)
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    except (TypeError, ValueError):
+        raise SettingsError(f"setting {name!r}: expected {kind}, got {value!r}") from None
+
+
+def _apply(values: dict[str, Any], layer: dict[str, Any], source: str, from_text: bool = False) -> None:
+    for key, value in layer.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            raise SettingsError(f"{source}: unknown setting {key!r}")
+        values[name] = _coerce(name, value, from_text)
+
+
+def default_config_path() -> Path:
+    from engine.registry import config_dir
+
+    return config_dir() / "server.toml"
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise SettingsError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"config file {path}: {e}") from None
+
+
+def load_settings(cli: dict[str, Any] | None = None, config_file: str | None = None,
+                  env: dict[str, str] | None = None) -> ServerSettings:
+    """`cli` holds only the flags the user gave (None values are skipped)."""
+    values: dict[str, Any] = {}
+    defaults = default_config_path()
+    if defaults.is_file():
+        _apply(values, _read_toml(defaults), str(defaults))
+    if config_file:
+        _apply(values, _read_toml(config_file), config_file)
+    env = os.environ if env is None else env
+    env_layer = {k[len("LLAMATRON_"):].lower(): v for k, v in env.items()
+                 if k.startswith("LLAMATRON_") and k[len("LLAMATRON_"):].lower() in _FIELDS}
+    _apply(values, env_layer, "environment", from_text=True)
+    _apply(values, {k: v for k, v in (cli or {}).items() if v is not None}, "command line")
+    s = ServerSettings(**values)
+    if s.device not in ("auto", "cpu", "cuda"):
+        raise SettingsError(f"device must be auto, cpu or cuda, not {s.device!r}")
+    if s.log_format not in ("text", "json"):
+        raise SettingsError(f"log_format must be text or json, not {s.log_format!r}")
+    if not 0 < s.port < 65536:
+        raise SettingsError(f"port {s.port} is out of range")
+    return s
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JSONFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+def uvicorn_config(app: Any, settings: ServerSettings, **extra: Any) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                          timeout_keep_alive=settings.keep_alive_s,
+                          timeout_graceful_shutdown=max(0, int(round(settings.grace_period))), **extra)
+
+
+def make_uvicorn_server(config: Any, app: Any) -> Any:
+    """A uvicorn Server whose exit signal also marks the app draining (new requests get 503)."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.ctx.draining = True
+            super().handle_exit(sig, frame)
+
+    return _Server(config)
+
+
+async def _announce(engine: Any, settings: ServerSettings, server: Any) -> bool:
+    """Prints the start-up line once the model is loaded; stops the server if loading failed."""
+    while not engine.ready and engine.load_error is None:
+        await asyncio.sleep(0.05)
+    if engine.load_error is not None:
+        log.error("model failed to load: %s", engine.load_error)
+        server.should_exit = True
+        return False
+    while not server.started and not server.should_exit:
+        await asyncio.sleep(0.05)
+    cfg = engine.config
+    print(f"llamatron: model {settings.model_id()} ({engine.model_config.arch}, {cfg.model}) on {cfg.device}; "
+          f"context {cfg.max_model_len} tokens; KV cache {engine.kv_capacity_tokens} tokens; "
+          f"listening on http://{settings.host}:{settings.port}", flush=True)
+    return True
+
+
+async def serve_async(settings: ServerSettings) -> int:
+    from engine.engine import AsyncEngine
+
+    from .app import create_app
+
+    engine = AsyncEngine(settings.engine_config())
+    engine.start()
+    app = create_app(engine, settings)
+    server = make_uvicorn_server(uvicorn_config(app, settings), app)
+    announce = asyncio.create_task(_announce(engine, settings, server))
+    try:
+        await server.serve()
+    finally:
+        # uvicorn already waited up to grace_period for in-flight requests; abort what is left
+        await engine.shutdown(grace_s=0)
+    loaded_ok = announce.done() and not announce.cancelled() and announce.result()
+    announce.cancel()
+    return 0 if loaded_ok or engine.load_error is None else 1
+
+
+def run_server(settings: ServerSettings) -> int:
+    setup_logging(settings.log_format, settings.log_level)
+    # uvicorn re-raises the exit signal after its graceful shutdown; with these no-op handlers in
+    # place that re-raise is harmless and the process exits 0 instead of dying by the signal.
+    saved = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return asyncio.run(serve_async(settings))
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)

@@ -1,0 +1,1 @@
+"""Developer scripts (load generator, GPU check helpers). A package so `scripts.loadtest` imports."""

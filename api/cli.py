@@ -55,9 +55,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from scripts.loadtest import main as loadtest_main
+
+    return loadtest_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llamatron", description="GGUF inference server (OpenAI API)")
-    p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     try:
@@ -92,12 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list registry models and whether each is present")
     m.set_defaults(func=_cmd_models)
 
+    lt = sub.add_parser("loadtest", help="load-test any OpenAI-compatible server (scripts/loadtest.py)", add_help=False)
+    lt.add_argument("rest", nargs=argparse.REMAINDER)
+    lt.set_defaults(func=_cmd_loadtest)
+
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadtest"]:  # its own parser owns every flag, --help included
+        from scripts.loadtest import main as loadtest_main
+
+        return loadtest_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = (getattr(args, "log_level", None) or "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "cmd", None) == "generate":
         from engine.registry import load_registry
 

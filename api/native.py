@@ -13,7 +13,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .errors import APIError, invalid
-from .openai import render_chat, respond
+from engine.structured import GrammarError
+
+from .openai import compile_grammar, grammar_spec, render_chat, respond
 from .runs import Job, Run, finite, read_json
 from .schemas import (ApplyTemplateRequest, DetokenizeRequest, NativeCompletionRequest, TokenizeRequest,
                       parse_body)
@@ -143,7 +145,14 @@ async def completion(request: Request) -> Response:
     ctx.check_admitting()
     req = parse_body(NativeCompletionRequest, await read_json(request, ctx.body_limit))
     ids = prompt_ids(ctx, req.prompt)
-    run = Run(ctx, [Job(ids, native_params(ctx, req), 0)], param="prompt")
+    params = native_params(ctx, req)
+    try:
+        spec = grammar_spec(req)
+    except GrammarError as e:
+        raise invalid(str(e), e.param) from None
+    if spec is not None:
+        params.grammar = (await compile_grammar(ctx, spec)).new_state()
+    run = Run(ctx, [Job(ids, params, 0)], param="prompt")
     text = "".join(p if isinstance(p, str) else ctx.engine.tokenizer.decode([p]) for p in req.prompt)
     events = native_events(ctx, req, run, text, ids)
     if req.stream:  # llama-server's native stream has no [DONE] marker
@@ -173,7 +182,9 @@ async def detokenize(request: Request) -> Response:
 async def apply_template(request: Request) -> Response:
     ctx = request.app.state.ctx
     req = parse_body(ApplyTemplateRequest, await read_json(request, ctx.body_limit))
-    prompt = render_chat(ctx, req.messages, req.tools, req.chat_template_kwargs, req.add_generation_prompt)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    prompt = render_chat(ctx, [m.to_template() for m in req.messages], tools, req.chat_template_kwargs,
+                         req.add_generation_prompt)
     return JSONResponse({"prompt": prompt})
 
 

@@ -14,6 +14,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from engine.structured import GrammarError
+
 from .errors import APIError, invalid
 from .runs import ClientGone, Job, Run, SSEResponse, finite, read_json, until_disconnect
 from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, parse_body
@@ -72,29 +74,64 @@ def seeds(seed: int | None, n: int) -> list[int | None]:
     return [None if seed is None else seed + i for i in range(n)]
 
 
-def render_chat(ctx: Any, messages: list[Any], tools: list[Any] | None, kwargs: dict[str, Any] | None,
-                add_generation_prompt: bool = True) -> str:
+def render_chat(ctx: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                kwargs: dict[str, Any] | None, add_generation_prompt: bool = True) -> str:
+    """`messages`/`tools` as the template sees them (ChatMessage.to_template(), tool dicts)."""
     from engine.chat import TemplateError
 
-    tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
     try:
-        return ctx.engine.chat_template.render([m.to_template() for m in messages], add_generation_prompt,
-                                               tools=tool_dicts, **(kwargs or {}))
+        return ctx.engine.chat_template.render(messages, add_generation_prompt, tools=tools, **(kwargs or {}))
     except TemplateError as e:
         raise invalid(f"The chat template could not render these messages: {e}", "messages") from None
     except TypeError as e:  # e.g. chat_template_kwargs colliding with render()'s own arguments
         raise invalid(f"Invalid chat_template_kwargs: {e}", "chat_template_kwargs") from None
 
 
-def _check_chat_features(req: ChatCompletionRequest) -> None:
-    """Tool calling and structured output arrive with their own issues; until then say so (400)
-    rather than silently ignore a constraint the client relies on."""
-    if req.response_format is not None and req.response_format.type != "text":
-        raise invalid(f"response_format type '{req.response_format.type}' is not supported by this server yet",
-                      "response_format")
-    if req.tools and req.tool_choice not in (None, "none", "auto"):
-        raise invalid("tool_choice 'required' or a named function is not supported by this server yet",
-                      "tool_choice")
+def grammar_spec(req: Any) -> Any:
+    """response_format, or llama-server's `grammar` (GBNF) / `json_schema` -> GrammarSpec | None."""
+    from engine import structured
+
+    specs = [structured.response_format(getattr(req, "response_format", None))]
+    if getattr(req, "grammar", None):
+        specs.append(structured.gbnf(req.grammar, param="grammar"))
+    if getattr(req, "json_schema", None) not in (None, {}):  # {}: llama.cpp web UI's neutral value
+        specs.append(structured.json_schema(req.json_schema, param="json_schema"))
+    specs = [s for s in specs if s is not None]
+    if len(specs) > 1:
+        raise structured.GrammarError("only one of response_format, grammar and json_schema may be given",
+                                      specs[1].param)
+    return specs[0] if specs else None
+
+
+async def compile_grammar(ctx: Any, spec: Any) -> Any:
+    """-> CompiledGrammar (off the event loop and the engine thread); a bad grammar is a 400."""
+    from engine.structured import GrammarError, get_structured
+
+    try:
+        return await get_structured(ctx.engine.tokenizer).compile_async(spec)
+    except GrammarError as e:
+        raise invalid(str(e), e.param) from None
+
+
+async def chat_plan(ctx: Any, req: ChatCompletionRequest) -> tuple[Any, Any]:
+    """Tools + response_format -> (ToolPlan, CompiledGrammar | None). Every accepted constraint is
+    enforced by the grammar; one that cannot be is a 400 naming its parameter."""
+    from engine.structured import GrammarError
+    from engine.tools import detect_format, plan_tools, special_token_lookup
+
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    try:
+        plan = plan_tools(detect_format(ctx.engine.chat_template), [m.to_template() for m in req.messages],
+                          tools, req.tool_choice, req.parallel_tool_calls,
+                          special_token_lookup(ctx.engine.tokenizer))
+        other = grammar_spec(req)
+        if plan.grammar is not None and other is not None:
+            raise GrammarError(f"{other.param} cannot be combined with tools unless tool_choice is 'none'",
+                               other.param)
+    except GrammarError as e:
+        raise invalid(str(e), e.param) from None
+    spec = plan.grammar or other
+    return plan, (await compile_grammar(ctx, spec) if spec is not None else None)
 
 
 # ---- engine output -> OpenAI shapes --------------------------------------------------------------
@@ -149,7 +186,8 @@ def _finish(out: Any) -> str:
 
 
 async def chat_events(ctx: Any, req: ChatCompletionRequest, run: Run, cid: str, created: int,
-                      include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+                      include_usage: bool, plan: Any = None) -> AsyncIterator[dict[str, Any]]:
+    from engine.tool_parser import ContentDelta
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.model_id,
             "system_fingerprint": FINGERPRINT}
 
@@ -157,17 +195,29 @@ async def chat_events(ctx: Any, req: ChatCompletionRequest, run: Run, cid: str, 
         return {**base, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
     top = req.top_logprobs or 0
-    started: set[int] = set()
+    parsers: dict[int, Any] = {}  # choice -> ToolCallParser (None: plain content)
     async for job, out in run.outputs():
         i = job.index
-        if i not in started:
-            started.add(i)
+        if i not in parsers:
+            parsers[i] = plan.new_parser() if plan is not None else None
             yield chunk(i, {"role": "assistant", "content": ""})
         lp = chat_logprobs(ctx, out, top) if req.logprobs else None
-        if out.text or lp:
-            yield chunk(i, {"content": out.text}, lp={"content": lp} if req.logprobs else None)
+        parser = parsers[i]
+        if parser is None:
+            if out.text or lp:
+                yield chunk(i, {"content": out.text}, lp={"content": lp} if req.logprobs else None)
+        else:
+            for ev in parser.feed(out.text) + (parser.finish() if out.finished else []):
+                delta = {"content": ev.text} if isinstance(ev, ContentDelta) else {"tool_calls": [ev.to_openai()]}
+                yield chunk(i, delta, lp={"content": lp} if lp else None)
+                lp = None
+            if lp:
+                yield chunk(i, {}, lp={"content": lp})
         if out.finished:
-            yield chunk(i, {}, finish=_finish(out))
+            reason = _finish(out)
+            if parser is not None and parser.tool_calls and reason == "stop":
+                reason = "tool_calls"
+            yield chunk(i, {}, finish=reason)
     if include_usage:
         yield {**base, "choices": [], "usage": usage(run, run.prompt_tokens)}
 
@@ -178,19 +228,33 @@ async def fold_chat(events: AsyncIterator[dict[str, Any]], want_logprobs: bool) 
     async for ev in events:
         head = ev
         for c in ev["choices"]:
-            st = choices.setdefault(c["index"], {"text": [], "lp": [], "finish": None})
+            st = choices.setdefault(c["index"], {"text": [], "lp": [], "finish": None, "calls": {}})
             st["text"].append(c["delta"].get("content") or "")
+            for tc in c["delta"].get("tool_calls") or []:  # assembled as the OpenAI SDK does
+                call = st["calls"].setdefault(tc["index"], {"id": None, "type": "function",
+                                                            "function": {"name": None, "arguments": ""}})
+                if "id" in tc:
+                    call["id"], call["function"]["name"] = tc["id"], tc["function"]["name"]
+                call["function"]["arguments"] += tc["function"].get("arguments", "")
             if c.get("logprobs"):
                 st["lp"] += c["logprobs"]["content"]
             st["finish"] = c["finish_reason"] or st["finish"]
     return {
         "id": head["id"], "object": "chat.completion", "created": head["created"], "model": head["model"],
         "system_fingerprint": head["system_fingerprint"],
-        "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(st["text"])},
+        "choices": [{"index": i, "message": _message(st),
                      "logprobs": {"content": st["lp"]} if want_logprobs else None, "finish_reason": st["finish"]}
                     for i, st in sorted(choices.items())],
         "usage": head.get("usage"),
     }
+
+
+def _message(st: dict[str, Any]) -> dict[str, Any]:
+    text, calls = "".join(st["text"]), st["calls"]
+    msg: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+    if calls:
+        msg["tool_calls"] = [calls[k] for k in sorted(calls)]
+    return msg
 
 
 async def respond(request: Request, run: Run, events: AsyncIterator[dict[str, Any]], stream: bool,
@@ -216,22 +280,26 @@ async def chat_completions(request: Request) -> Response:
     ctx.check_admitting()
     req = parse_body(ChatCompletionRequest, await read_json(request, ctx.body_limit))
     check_model(ctx, req.model)
-    _check_chat_features(req)
     max_tokens = resolve_max_tokens(req, req.max_completion_tokens, default=None)
     if max_tokens == 0:
         raise invalid("max_tokens must be at least 1", "max_tokens")
-    tools = req.tools if req.tool_choice != "none" else None
-    prompt = render_chat(ctx, req.messages, tools, req.chat_template_kwargs, req.add_generation_prompt)
+    plan, grammar = await chat_plan(ctx, req)
+    prompt = render_chat(ctx, plan.messages, plan.template_tools, req.chat_template_kwargs, req.add_generation_prompt)
     ids = ctx.engine.tokenizer.encode(prompt, add_special=True, parse_special=True)
     lp = (req.top_logprobs or 0) if req.logprobs else None
-    jobs = [Job(ids, sampling_params(ctx, req, max_tokens=max_tokens, logprobs=lp, seed=s), i)
-            for i, s in enumerate(seeds(req.seed, req.n))]
+    jobs = []
+    for i, s in enumerate(seeds(req.seed, req.n)):
+        params = sampling_params(ctx, req, max_tokens=max_tokens, logprobs=lp, seed=s)
+        params.grammar = grammar.new_state() if grammar is not None else None  # one state per choice
+        if plan.parses_calls and plan.format.keep_special_tokens:
+            params.skip_special_tokens = False  # the call marker is a special token
+        jobs.append(Job(ids, params, i))
     run = Run(ctx, jobs, param="messages")
     cid, created = f"chatcmpl-{run.base_id}", int(time.time())
     if req.stream:
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return await respond(request, run, chat_events(ctx, req, run, cid, created, include), True, None)
-    events = chat_events(ctx, req, run, cid, created, True)
+        return await respond(request, run, chat_events(ctx, req, run, cid, created, include, plan), True, None)
+    events = chat_events(ctx, req, run, cid, created, True, plan)
     return await respond(request, run, events, False, lambda ev: fold_chat(ev, req.logprobs))
 
 
@@ -324,11 +392,17 @@ async def completions(request: Request) -> Response:
         raise invalid("max_tokens must be at least 1 (0 is allowed only with echo)", "max_tokens")
     prompts = completion_prompts(ctx, req)
     plp = req.logprobs if req.echo and req.logprobs is not None else None
+    try:
+        spec = grammar_spec(req)
+    except GrammarError as e:
+        raise invalid(str(e), e.param) from None
+    grammar = await compile_grammar(ctx, spec) if spec is not None else None
     jobs = []
     for p, (_, ids) in enumerate(prompts):
         for i, s in enumerate(seeds(req.seed, req.n)):
             params = sampling_params(ctx, req, max_tokens=1 if drop else max_tokens, logprobs=req.logprobs,
                                      prompt_logprobs=plp, seed=s)
+            params.grammar = grammar.new_state() if grammar is not None else None
             jobs.append(Job(ids, params, p * req.n + i))
     run = Run(ctx, jobs, param="prompt")
     cid, created = f"cmpl-{run.base_id}", int(time.time())

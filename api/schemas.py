@@ -24,11 +24,11 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 NEUTRAL = {
     "typical_p": 1.0, "mirostat": 0, "dry_multiplier": 0.0, "xtc_probability": 0.0,
     "dynatemp_range": 0.0, "top_n_sigma": -1.0, "tfs_z": 1.0, "suffix": None, "best_of": None,
-    "grammar": None, "json_schema": None, "prompt_logprobs": None, "guided_json": None,
+    "prompt_logprobs": None, "guided_json": None,
     "guided_regex": None, "guided_grammar": None, "guided_choice": None, "functions": None,
     "function_call": None, "audio": None, "modalities": None, "prediction": None,
 }
-_NEUTRAL_EQUIV = {"suffix": ("",), "grammar": ("",), "json_schema": ({},), "modalities": (["text"],)}
+_NEUTRAL_EQUIV = {"suffix": ("",), "modalities": (["text"],)}
 
 
 def reject_unsupported(data: dict[str, Any], allowed: tuple[str, ...] = ()) -> None:
@@ -127,6 +127,8 @@ class SamplingFields(_Body):
     n_predict: int | None = Field(None, ge=-1)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    grammar: str | None = None  # llama-server: GBNF (engine/structured.py)
+    json_schema: Any = None  # llama-server: a JSON schema the output must match
 
     _stop = field_validator("stop", mode="before")(lambda v: parse_stop(v))
     _bias = field_validator("logit_bias", mode="before")(lambda v: parse_logit_bias(v))
@@ -257,6 +259,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Any
+    response_format: ResponseFormat | None = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -299,6 +302,8 @@ class NativeCompletionRequest(_Body):
     cache_prompt: bool = True
     return_tokens: bool = False
     id_slot: int = -1
+    grammar: str | None = None  # GBNF (engine/structured.py)
+    json_schema: Any = None
 
     _stop = field_validator("stop", mode="before")(lambda v: parse_stop(v))
     _bias = field_validator("logit_bias", mode="before")(lambda v: parse_logit_bias(v))

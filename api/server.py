@@ -167,16 +167,24 @@ def uvicorn_config(app: Any, settings: ServerSettings, **extra: Any) -> Any:
 
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                           timeout_keep_alive=settings.keep_alive_s,
-                          timeout_graceful_shutdown=max(0, int(round(settings.grace_period))), **extra)
+                          # uvicorn must outwait our own drain (grace, then aborts delivered as final
+                          # events), or it cancels response tasks mid-stream and cuts connections.
+                          timeout_graceful_shutdown=max(0, int(round(settings.grace_period))) + 5, **extra)
 
 
-def make_uvicorn_server(config: Any, app: Any) -> Any:
-    """A uvicorn Server whose exit signal also marks the app draining (new requests get 503)."""
+def make_uvicorn_server(config: Any, app: Any, grace_s: float | None = None) -> Any:
+    """A uvicorn Server whose exit signal marks the app draining (new requests get 503) and, when
+    `grace_s` is given, drains the engine: in-flight requests get grace_s seconds to finish, the rest
+    are aborted so their streams end with a final error event before uvicorn closes connections."""
     import uvicorn
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            app.state.ctx.draining = True
+            ctx = app.state.ctx
+            if grace_s is not None and not ctx.draining:
+                loop = asyncio.get_event_loop()
+                loop.call_soon_threadsafe(lambda: loop.create_task(ctx.engine.shutdown(grace_s=grace_s)))
+            ctx.draining = True
             super().handle_exit(sig, frame)
 
     return _Server(config)
@@ -207,7 +215,7 @@ async def serve_async(settings: ServerSettings) -> int:
     engine = AsyncEngine(settings.engine_config())
     engine.start()
     app = create_app(engine, settings)
-    server = make_uvicorn_server(uvicorn_config(app, settings), app)
+    server = make_uvicorn_server(uvicorn_config(app, settings), app, grace_s=settings.grace_period)
     announce = asyncio.create_task(_announce(engine, settings, server))
     try:
         await server.serve()

@@ -61,7 +61,8 @@ def test_specific_statuses(api_server) -> None:  # noqa: F811
         assert err["param"] == "temperature" and err["type"] == "invalid_request_error"
         err = assert_error_body(c.post("/completion", json={"prompt": "hello " * 2100, "n_predict": 4}))
         assert err["code"] == "context_length_exceeded" and err["n_ctx"] == 2048
-        r = c.post("/v1/chat/completions", json={**CHAT_OK, "response_format": {"type": "json_object"}})
+        bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}
+        r = c.post("/v1/chat/completions", json={**CHAT_OK, "response_format": bad_schema})
         assert r.status_code == 400 and assert_error_body(r)["param"] == "response_format"
         r = c.post("/detokenize", json={"tokens": [49152]})
         assert r.status_code == 400 and assert_error_body(r)["param"] == "tokens"

@@ -74,3 +74,58 @@ def test_serve_process_graceful_sigterm(smollm2_path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_past_grace_aborts_streams_cleanly(smollm2_path) -> None:
+    """Streams that cannot finish within the grace period end with a final error event (never a cut
+    connection), and the process exits 0 soon after the grace period."""
+    port, grace = free_port(), 2
+    cmd = [sys.executable, "-m", "api.cli_serve", "-m", str(smollm2_path), "--port", str(port), "-a", "smollm2",
+           "--device", "cpu", "-c", "2048", "-np", "4", "--kv-cache-gib", "0.1", "--grace-period", str(grace)]
+    env = {**os.environ, "LLAMATRON_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 180
+        while "listening on" not in lines.get(timeout=max(deadline - time.monotonic(), 0.1)):
+            pass
+        base = f"http://127.0.0.1:{port}"
+        results: list[tuple[str, list[str]]] = []
+        started = threading.Semaphore(0)
+
+        def stream(content: str) -> None:
+            body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1000,
+                    "ignore_eos": True, "temperature": 0, "stream": True}
+            events: list[str] = []
+            try:
+                with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as r:
+                    started.release()
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            events.append(line[6:])
+                results.append(("ok", events))
+            except httpx.HTTPError as e:
+                results.append((f"transport error: {e!r}", events))
+
+        threads = [threading.Thread(target=stream, args=(f"Story number {i}. " * (1 + 40 * i),)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for _ in threads:
+            assert started.acquire(timeout=120)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(120)
+        assert proc.wait(60) == 0
+        assert time.monotonic() - t0 < grace + 15
+        assert len(results) == 4
+        for status, events in results:
+            assert status == "ok", status
+            last = [json.loads(e) for e in events if e != "[DONE]"][-1]
+            ended = "error" in last or any(c.get("finish_reason") for c in last.get("choices", []))
+            assert ended, f"stream ended without a finish_reason or error event: {events[-3:]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

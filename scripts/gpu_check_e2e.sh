@@ -189,7 +189,7 @@ f = GGUFFile(sys.argv[1]); print(len(f.tensors), "tensors;", f.metadata.get("gen
         fi
         if [ -f scripts/bench_engine.py ]; then
             # shellcheck disable=SC2086  # BENCH_ENGINE_ARGS is a list of words on purpose
-            TAIL=30 run gpu 150 "$PY" scripts/bench_engine.py --model "$path" --batch-sizes 1,8,64 --device "$DEV" \
+            TAIL=30 run gpu 150 "$PY" scripts/bench_engine.py --model "$path" --seqs 1 8 64 --device "$DEV" \
                 ${BENCH_ENGINE_ARGS:-}
             record "bench_engine $name" $?
         else

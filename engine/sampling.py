@@ -14,12 +14,14 @@ Structured output: `params.grammar` is any object with
     accept(token_id: int) -> None              # advances the grammar past the sampled token
     is_terminated() -> bool                    # the grammar is complete: the request stops
 The sampler calls fill_mask before the draw and accept after it; the engine checks is_terminated.
+A grammar class may also offer `fill_masks(logits, [(row, state), ...]) -> [error | None, ...]`
+(a staticmethod): the sampler then masks all rows of that class in one call (one device copy).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -152,17 +154,31 @@ class Sampler:
         logits[rows] = sub
 
     def _apply_bans(self, logits: torch.Tensor, seqs: list[SamplingState], errors: list[str | None]) -> None:
+        batched: dict[Any, list[tuple[int, Any]]] = {}  # a grammar class's fill_masks -> its rows
         for i, s in enumerate(seqs):
             p = s.params
             if p.min_tokens and len(s.token_ids) - len(s.prompt_token_ids) < p.min_tokens:
                 banned = list(self.eog_ids) + list(p.stop_token_ids)
                 if banned:
                     logits[i, banned] = float("-inf")
-            if p.grammar is not None:
-                try:
-                    p.grammar.fill_mask(logits[i])
-                except Exception as e:  # noqa: BLE001
-                    errors[i] = f"grammar mask failed: {e}"
+            if p.grammar is None:
+                continue
+            fill_many = getattr(type(p.grammar), "fill_masks", None)
+            if fill_many is not None:
+                batched.setdefault(fill_many, []).append((i, p.grammar))
+                continue
+            try:
+                p.grammar.fill_mask(logits[i])
+            except Exception as e:  # noqa: BLE001
+                errors[i] = f"grammar mask failed: {e}"
+        for fill_many, rows in batched.items():
+            try:
+                row_errors = fill_many(logits, rows)
+            except Exception as e:  # noqa: BLE001
+                row_errors = [str(e)] * len(rows)
+            for (i, _), err in zip(rows, row_errors):
+                if err is not None:
+                    errors[i] = f"grammar mask failed: {err}"
 
     def _draw(self, logits: torch.Tensor, seqs: list[SamplingState]) -> torch.Tensor:
         params = [s.params for s in seqs]

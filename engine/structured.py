@@ -139,6 +139,8 @@ class CompiledGrammar:
 class GrammarState:
     """Per-request matcher; the sampler's seam (see engine/sampling.py)."""
 
+    fill_masks = staticmethod(fill_masks)  # the sampler masks every GrammarState row of a batch at once
+
     def __init__(self, matcher: llg.LLMatcher, compiled: CompiledGrammar) -> None:
         self.matcher = matcher
         self.compiled = compiled

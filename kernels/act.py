@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import as_rows
+
 __all__ = ["silu_mul", "gelu_tanh_mul"]
 
 BLOCK = 1024
@@ -32,21 +34,12 @@ def _gated_kernel(g_ptr, u_ptr, o_ptr, n_cols, s_g, s_u, s_o, BLOCK: tl.constexp
     tl.store(o_ptr + row * s_o + cols, (a * u).to(o_ptr.dtype.element_ty), mask=m)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return t.contiguous().view(-1, t.shape[-1])
-
-
 def _gated(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
     assert gate.shape == up.shape, (gate.shape, up.shape)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if gate.numel() == 0:
         return out
-    g2, u2 = _rows(gate), _rows(up)
+    g2, u2 = as_rows(gate), as_rows(up)
     o2 = out.view(-1, gate.shape[-1])
     C = g2.shape[1]
     block = min(BLOCK, triton.next_power_of_2(C))

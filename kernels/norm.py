@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import as_rows
+
 __all__ = ["rms_norm"]
 
 SINGLE_MAX = 8192
@@ -59,16 +61,6 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_ptr, n_cols, eps, s_x, s_
             tl.store(o_row + cols, (h * inv * w).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., H] -> [R, H] without a copy where the layout allows (last dim contiguous, rows evenly strided)."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return t.contiguous().view(-1, t.shape[-1])
-
-
 def launch_params(n_cols: int) -> dict:
     """Constexprs and warps for a row width (shared with the compile test)."""
     single = triton.next_power_of_2(n_cols) <= SINGLE_MAX
@@ -86,8 +78,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     res_out = x if residual is None else torch.empty(x.shape, dtype=dtype, device=x.device)
     if x.numel() == 0:
         return out, res_out
-    x2 = _rows(x)
-    r2 = _rows(residual) if residual is not None else x2
+    x2 = as_rows(x)
+    r2 = as_rows(residual) if residual is not None else x2
     o2, res2 = out.view(-1, H), res_out.view(-1, H) if residual is not None else out.view(-1, H)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight, o2, res2, H, float(eps), x2.stride(0), r2.stride(0), o2.stride(0), res2.stride(0),

@@ -83,9 +83,8 @@ class ModelRunner:
                 if last > first:
                     prompt_rows[i] = (cu[-2] + first - start, first, last - first)
         width = max(len(s.block_table) for s in sched.seqs)
-        tables = torch.zeros(len(sched.seqs), width, dtype=torch.int32)
-        for i, seq in enumerate(sched.seqs):
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in sched.seqs],
+                              dtype=torch.int32)  # one tensor per step, not one per sequence
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),

@@ -9,7 +9,7 @@ import time
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from engine.registry import RegistryError, pull
+    from engine.loading.registry import RegistryError, pull
 
     try:
         path = pull(args.name, quiet=args.quiet)
@@ -21,7 +21,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from engine.registry import is_present, load_registry, model_path
+    from engine.loading.registry import is_present, load_registry, model_path
 
     default, entries = load_registry()
     print(f"{'name':32} {'size':>10}  {'present':8} path")
@@ -33,8 +33,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
-    from engine.engine import LLMEngine
-    from engine.sampling import SamplingParams
+    from engine.core.engine import LLMEngine
+    from engine.core.sampling import SamplingParams
 
     cfg = EngineConfig(model=args.model, device=args.device, max_num_seqs=1, chat_template=args.chat_template)
     if args.ctx_size:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     level = (getattr(args, "log_level", None) or "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "cmd", None) == "generate":
-        from engine.registry import load_registry
+        from engine.loading.registry import load_registry
 
         args.model = args.model or args.model_pos or load_registry()[0]
     return int(args.func(args) or 0)

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .errors import APIError, invalid
-from engine.structured import GrammarError
+from engine.constrained.structured import GrammarError
 
 from .openai import compile_grammar, grammar_spec, render_chat, respond
 from .runs import Job, Run, finite, read_json
@@ -38,7 +38,7 @@ def generation_settings(ctx: Any, req: NativeCompletionRequest | None = None) ->
 
 
 def native_params(ctx: Any, req: NativeCompletionRequest) -> Any:
-    from engine.sampling import SamplingParams
+    from engine.core.sampling import SamplingParams
 
     for tid in req.logit_bias:
         if tid >= ctx.vocab_size:

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engine.structured import GrammarError
+from engine.constrained.structured import GrammarError
 
 from .errors import APIError, invalid
 from .runs import ClientGone, Job, Run, SSEResponse, finite, read_json, until_disconnect
@@ -34,7 +34,7 @@ def check_model(ctx: Any, model: str | None) -> None:
 
 def sampling_params(ctx: Any, req: SamplingFields, *, max_tokens: int | None, logprobs: int | None = None,
                     prompt_logprobs: int | None = None, seed: int | None = None) -> Any:
-    from engine.sampling import SamplingParams
+    from engine.core.sampling import SamplingParams
 
     vocab = ctx.vocab_size
     for tid in req.logit_bias:
@@ -77,7 +77,7 @@ def seeds(seed: int | None, n: int) -> list[int | None]:
 def render_chat(ctx: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                 kwargs: dict[str, Any] | None, add_generation_prompt: bool = True) -> str:
     """`messages`/`tools` as the template sees them (ChatMessage.to_template(), tool dicts)."""
-    from engine.chat import TemplateError
+    from engine.text.chat import TemplateError
 
     try:
         return ctx.engine.chat_template.render(messages, add_generation_prompt, tools=tools, **(kwargs or {}))
@@ -89,7 +89,7 @@ def render_chat(ctx: Any, messages: list[dict[str, Any]], tools: list[dict[str, 
 
 def grammar_spec(req: Any) -> Any:
     """response_format, or llama-server's `grammar` (GBNF) / `json_schema` -> GrammarSpec | None."""
-    from engine import structured
+    from engine.constrained import structured
 
     specs = [structured.response_format(getattr(req, "response_format", None))]
     if getattr(req, "grammar", None):
@@ -105,7 +105,7 @@ def grammar_spec(req: Any) -> Any:
 
 async def compile_grammar(ctx: Any, spec: Any) -> Any:
     """-> CompiledGrammar (off the event loop and the engine thread); a bad grammar is a 400."""
-    from engine.structured import GrammarError, get_structured
+    from engine.constrained.structured import GrammarError, get_structured
 
     try:
         return await get_structured(ctx.engine.tokenizer).compile_async(spec)
@@ -116,8 +116,8 @@ async def compile_grammar(ctx: Any, spec: Any) -> Any:
 async def chat_plan(ctx: Any, req: ChatCompletionRequest) -> tuple[Any, Any]:
     """Tools + response_format -> (ToolPlan, CompiledGrammar | None). Every accepted constraint is
     enforced by the grammar; one that cannot be is a 400 naming its parameter."""
-    from engine.structured import GrammarError
-    from engine.tools import detect_format, plan_tools, special_token_lookup
+    from engine.constrained.structured import GrammarError
+    from engine.constrained.tools import detect_format, plan_tools, special_token_lookup
 
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
@@ -187,7 +187,7 @@ def _finish(out: Any) -> str:
 
 async def chat_events(ctx: Any, req: ChatCompletionRequest, run: Run, cid: str, created: int,
                       include_usage: bool, plan: Any = None) -> AsyncIterator[dict[str, Any]]:
-    from engine.tool_parser import ContentDelta
+    from engine.constrained.tool_parser import ContentDelta
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.model_id,
             "system_fingerprint": FINGERPRINT}
 

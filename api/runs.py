@@ -34,7 +34,7 @@ class ClientGone(Exception):
 
 def engine_error(exc: BaseException, param: str) -> APIError:
     """Maps what engine.generate raises to an HTTP error (client mistakes are 4xx)."""
-    from engine.engine import ContextLengthError, EngineDeadError, EngineOverloadedError
+    from engine.core.engine import ContextLengthError, EngineDeadError, EngineOverloadedError
 
     if isinstance(exc, APIError):
         return exc

@@ -127,7 +127,7 @@ class SamplingFields(_Body):
     n_predict: int | None = Field(None, ge=-1)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    grammar: str | None = None  # llama-server: GBNF (engine/structured.py)
+    grammar: str | None = None  # llama-server: GBNF (engine/constrained/structured.py)
     json_schema: Any = None  # llama-server: a JSON schema the output must match
 
     _stop = field_validator("stop", mode="before")(lambda v: parse_stop(v))
@@ -302,7 +302,7 @@ class NativeCompletionRequest(_Body):
     cache_prompt: bool = True
     return_tokens: bool = False
     id_slot: int = -1
-    grammar: str | None = None  # GBNF (engine/structured.py)
+    grammar: str | None = None  # GBNF (engine/constrained/structured.py)
     json_schema: Any = None
 
     _stop = field_validator("stop", mode="before")(lambda v: parse_stop(v))

@@ -102,7 +102,7 @@ def _apply(values: dict[str, Any], layer: dict[str, Any], source: str, from_text
 
 
 def default_config_path() -> Path:
-    from engine.registry import config_dir
+    from engine.loading.registry import config_dir
 
     return config_dir() / "server.toml"
 
@@ -208,7 +208,7 @@ async def _announce(engine: Any, settings: ServerSettings, server: Any) -> bool:
 
 
 async def serve_async(settings: ServerSettings) -> int:
-    from engine.engine import AsyncEngine
+    from engine.core.engine import AsyncEngine
 
     from .app import create_app
 

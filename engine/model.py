@@ -16,7 +16,7 @@ from kernels import AttentionMetadata, Ops
 from kernels.reference import rope_cache
 
 from .config import ModelConfig
-from .gguf import GGUFError, GGUFFile
+from .loading.gguf import GGUFError, GGUFFile
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The flat-batch description every attention op reads (built by engine/runner.py).
+"""The flat-batch description every attention op reads (built by engine/core/runner.py).
 
 A step packs the new tokens of B sequences into one flat batch of T tokens:
 - `slot_mapping` [T] int64: KV-cache slot (block * block_size + offset) of each new token, -1 = padding;

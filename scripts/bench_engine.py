@@ -83,9 +83,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from engine.config import EngineConfig
-    from engine.engine import LLMEngine
-    from engine.loader import load_model
-    from engine.sampling import SamplingParams
+    from engine.core.engine import LLMEngine
+    from engine.loading.loader import load_model
+    from engine.core.sampling import SamplingParams
 
     prompts = make_prompts(args.num_prompts)
     cfg = EngineConfig(model=args.model, device=args.device, max_model_len=512, kv_cache_gib=0.5)

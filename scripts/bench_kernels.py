@@ -102,7 +102,7 @@ def copies_for(nbytes: int, dev: str) -> int:
 @lru_cache(maxsize=1)  # one shape at a time: reused for every M, then freed
 def weights(t: int, N: int, K: int, dev: str) -> tuple[list, list]:
     """Enough copies of random blocks (and of their bf16 dequantization) to defeat L2."""
-    from engine.gguf import QuantTensor
+    from engine.loading.gguf import QuantTensor
     from kernels import quant_layouts as L
     from kernels import ref_quant
 

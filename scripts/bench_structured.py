@@ -1,4 +1,4 @@
-"""Per-step overhead of grammar-constrained decoding (engine/structured.py), in milliseconds.
+"""Per-step overhead of grammar-constrained decoding (engine/constrained/structured.py), in milliseconds.
 
 Replays realistic outputs (JSON objects that satisfy a schema, tokenized by the model's tokenizer)
 through GrammarStates: each step computes the allowed-token masks of every constrained row, applies
@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import structured as S  # noqa: E402
-from engine.grammar_mask import fill_masks  # noqa: E402
-from engine.registry import resolve  # noqa: E402
-from engine.tokenizer import Tokenizer  # noqa: E402
+from engine.constrained import structured as S  # noqa: E402
+from engine.constrained.grammar_mask import fill_masks  # noqa: E402
+from engine.loading.registry import resolve  # noqa: E402
+from engine.text.tokenizer import Tokenizer  # noqa: E402
 
 SCHEMA = {
     "type": "object",

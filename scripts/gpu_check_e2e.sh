@@ -180,7 +180,7 @@ e2e_all() {
             say "- $name: no file in $LLAMATRON_HOME and no $WHEELS/models/$name.head: skipped"; continue
         fi
         say ""; say "### $name ($kind: $path)"
-        TAIL=2 run cheap 60 "$PY" -c 'import sys; from engine.gguf import GGUFFile
+        TAIL=2 run cheap 60 "$PY" -c 'import sys; from engine.loading.gguf import GGUFFile
 f = GGUFFile(sys.argv[1]); print(len(f.tensors), "tensors;", f.metadata.get("general.architecture"))' "$path"
         record "model file $name" $?
         temp=0

@@ -44,7 +44,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None
 
 
 def _quant(ggml_type: int, rows: int, cols: int, dev: torch.device):
-    from engine.gguf import QuantTensor
+    from engine.loading.gguf import QuantTensor
     from kernels import quant_layouts as L
 
     gen = torch.Generator().manual_seed(rows * 7 + ggml_type)

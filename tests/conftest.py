@@ -26,7 +26,7 @@ def kernel_device() -> str:
 
 
 def model_file(name: str) -> Path:
-    from engine.registry import resolve
+    from engine.loading.registry import resolve
 
     try:
         return resolve(name)

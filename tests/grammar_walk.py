@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.structured import GrammarState, StructuredOutputs
-from engine.tokenizer import Tokenizer
+from engine.constrained.structured import GrammarState, StructuredOutputs
+from engine.text.tokenizer import Tokenizer
 
 _PAD = 7  # a padded LM head: the grammar must ban the columns past the vocabulary
 _CLOSERS = {b'"', b"}", b"]", b'",', b'"}', b"}}", b'"]', b"1", b"0", b"\n", b">", b"</", b"tool",

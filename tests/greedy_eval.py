@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
-from engine.gguf import GGUFFile
+from engine.loading.gguf import GGUFFile
 from engine.model import Model
-from engine.tokenizer import Tokenizer
+from engine.text.tokenizer import Tokenizer
 from kernels import AttentionMetadata, backend
 
 

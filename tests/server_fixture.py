@@ -36,7 +36,7 @@ def loaded_model(name: str = "smollm2-135m-instruct", device: str = "cpu") -> An
     """The LoadedModel for `name`, loaded once per process (skips the test when unavailable)."""
     from conftest import model_file
     from engine.config import EngineConfig
-    from engine.loader import load_model
+    from engine.loading.loader import load_model
 
     key = (name, device)
     with _LOCK:
@@ -82,7 +82,7 @@ def start_server(loaded: Any = None, max_waiting: int = 1024, **overrides: Any) 
     are ServerSettings fields."""
     from api.app import create_app
     from api.server import ServerSettings, make_uvicorn_server, uvicorn_config
-    from engine.engine import AsyncEngine
+    from engine.core.engine import AsyncEngine
 
     loaded = loaded if loaded is not None else loaded_model()
     values: dict[str, Any] = dict(model=str(loaded.path), alias="smollm2", device="cpu", port=free_port(),

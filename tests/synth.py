@@ -35,7 +35,7 @@ def tokenizer_metadata(source: Path = SMOLLM2, vocab_size: int | None = None) ->
     """The tokenizer.* keys of a real GGUF file; with `vocab_size`, a BPE vocabulary cut to its first
     tokens and the merges among them (still a working tokenizer: the byte tokens come first). A small
     vocabulary keeps the output matmul cheap where it dominates (the Triton interpreter)."""
-    from engine.gguf import read_metadata
+    from engine.loading.gguf import read_metadata
 
     meta = {k: v for k, v in read_metadata(source).items() if k.startswith("tokenizer.")}
     if vocab_size is not None and vocab_size < len(meta["tokenizer.ggml.tokens"]):

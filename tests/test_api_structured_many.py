@@ -112,7 +112,7 @@ WEATHER = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def qwen_server(qwen_path):
     from engine.config import EngineConfig
-    from engine.loader import load_model
+    from engine.loading.loader import load_model
     from server_fixture import start_server
 
     loaded = load_model(EngineConfig(model=str(qwen_path), device="cpu", max_model_len=2048))

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from engine.chat import CHATML_SOURCE, MAX_OUTPUT_CHARS, ChatTemplate, TemplateError
-from engine.gguf import read_metadata
+from engine.text.chat import CHATML_SOURCE, MAX_OUTPUT_CHARS, ChatTemplate, TemplateError
+from engine.loading.gguf import read_metadata
 from conftest import DATA, model_file
 
 MODELS = {"smollm2": "smollm2-135m-instruct", "gemma3-270m": "gemma-3-270m",

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from engine.gguf import QuantTensor
+from engine.loading.gguf import QuantTensor
 from kernels import quant_layouts as L
 from kernels import ref_quant
 

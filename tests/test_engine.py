@@ -9,8 +9,8 @@ import random
 import pytest
 
 from engine.config import EngineConfig
-from engine.engine import AsyncEngine, ContextLengthError, LLMEngine
-from engine.sampling import SamplingParams
+from engine.core.engine import AsyncEngine, ContextLengthError, LLMEngine
+from engine.core.sampling import SamplingParams
 from tests.synth import SMOLLM2, write_tiny_model
 
 pytestmark = pytest.mark.skipif(not SMOLLM2.exists(), reason="needs the smollm2 tokenizer metadata")
@@ -20,7 +20,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    from engine.loader import load_model
+    from engine.loading.loader import load_model
 
     path = write_tiny_model(tmp_path_factory.mktemp("synth") / "tiny.gguf", weight_type="Q8_0")
     return load_model(EngineConfig(model=str(path), device="cpu", max_model_len=256))
@@ -215,7 +215,7 @@ TIE, LP_TOL = 1e-3, 1e-3
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path):
-    from engine.loader import load_model
+    from engine.loading.loader import load_model
 
     return load_model(EngineConfig(model=str(smollm2_path), device="cpu", max_model_len=256))
 
@@ -254,7 +254,7 @@ def test_triton_backend_runs_the_engine(tmp_path, weight_type: str) -> None:
     (fp32 in the interpreter: 1e-3; bf16 activations on a GPU: 0.1)."""
     import torch
 
-    from engine.loader import load_model
+    from engine.loading.loader import load_model
 
     # a 1024-token vocabulary: the interpreter needs ~1 min per 49152-row output matmul
     path = write_tiny_model(tmp_path / "t.gguf", weight_type=weight_type, n_layers=1, vocab_size=1024)
@@ -273,7 +273,7 @@ def test_triton_backend_runs_the_engine(tmp_path, weight_type: str) -> None:
 
 
 def test_async_engine_overload_and_load_failure(loaded, tmp_path) -> None:
-    from engine.engine import EngineDeadError, EngineOverloadedError
+    from engine.core.engine import EngineDeadError, EngineOverloadedError
 
     async def main() -> None:
         cfg = EngineConfig(model=str(loaded.path), device="cpu", max_model_len=256, max_num_seqs=1, kv_cache_gib=0.01)

@@ -7,7 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from engine.config import ModelConfig, UnsupportedModelError
-from engine.gguf import GGUFError, GGUFFile, read_metadata
+from engine.loading.gguf import GGUFError, GGUFFile, read_metadata
 from engine.model import check_tensors
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from engine.kv_cache import KVCacheManager, num_blocks_for_budget
+from engine.core.kv_cache import KVCacheManager, num_blocks_for_budget
 
 
 @dataclass(eq=False)

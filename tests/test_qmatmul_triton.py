@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from engine.gguf import QuantTensor
+from engine.loading.gguf import QuantTensor
 from kernels import quant_layouts as L
 from kernels import ref_quant
 from kernels.qmatmul import Config, all_configs, choose, qmatmul
@@ -126,7 +126,7 @@ def test_dispatch_table():
 
 
 def _model_tensor(name: str, tensor: str, rows: int) -> QuantTensor:
-    from engine.gguf import GGUFFile
+    from engine.loading.gguf import GGUFFile
 
     path = os.path.expanduser(f"~/.cache/llamatron/{name}.gguf")
     if not os.path.exists(path):

@@ -95,7 +95,7 @@ def _model(name: str) -> str:
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma-3-270m"])
 def test_real_tensors_bit_exact(name):
     """The first rows of one tensor of every type in a real file."""
-    from engine.gguf import GGUFFile
+    from engine.loading.gguf import GGUFFile
 
     f = GGUFFile(_model(name))
     seen: set[int] = set()
@@ -113,7 +113,7 @@ def test_real_tensors_bit_exact(name):
 @pytest.mark.slow
 def test_gemma_embedding_load_time():
     """The largest CPU-path tensor (262144 x 640 Q8_0): fast enough for start-up on 2 cores."""
-    from engine.gguf import GGUFFile
+    from engine.loading.gguf import GGUFFile
 
     qt = GGUFFile(_model("gemma-3-270m")).tensor("token_embd.weight")
     qt.data.sum()  # fault the mmap in first: this measures dequantization, not the disk

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from engine import registry
+from engine.loading import registry
 
 
 def _wheel(tmp_path, payload: bytes, name: str = "fakemodel") -> str:

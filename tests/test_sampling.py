@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from engine.sampling import Sampler, SamplingParams, StopChecker, token_logprobs
+from engine.core.sampling import Sampler, SamplingParams, StopChecker, token_logprobs
 
 V = 8
 EOG = 7

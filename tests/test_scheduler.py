@@ -12,10 +12,10 @@ import random
 
 import pytest
 
-from engine.kv_cache import KVCacheManager
-from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence, SequenceStatus
+from engine.core.kv_cache import KVCacheManager
+from engine.core.sampling import SamplingParams
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.sequence import Sequence, SequenceStatus
 
 BS = 4
 

@@ -1,4 +1,4 @@
-"""Grammar-constrained decoding (engine/structured.py): every grammar enforces what it says.
+"""Grammar-constrained decoding (engine/constrained/structured.py): every grammar enforces what it says.
 
 A GrammarState is driven by random allowed tokens of the real smollm2 tokenizer (tests/grammar_walk);
 the text that comes out must parse / validate / match, whatever the walk picked.
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import structured as S
-from engine.grammar_mask import fill_masks
+from engine.constrained import structured as S
+from engine.constrained.grammar_mask import fill_masks
 from grammar_walk import load, walk
 
 SCHEMAS = [
@@ -224,7 +224,7 @@ def test_qwen_tool_call_token_is_text(qwen_path):
 def test_apply_paths_agree():
     """The numpy path (CPU float32) and the torch path (accelerators, other dtypes) ban the same
     columns, including the padded tail past the vocabulary."""
-    from engine.grammar_mask import apply_bitmask
+    from engine.constrained.grammar_mask import apply_bitmask
 
     rng = np.random.default_rng(0)
     bits = rng.integers(-2**31, 2**31, size=(3, 5), dtype=np.int64).astype(np.int32)

@@ -1,4 +1,4 @@
-"""engine/tokenizer.py against llama.cpp's own output (tests/data/<model>/tokenize.json, captured
+"""engine/text/tokenizer.py against llama.cpp's own output (tests/data/<model>/tokenize.json, captured
 from llama-server /tokenize and /detokenize).
 
 Only the GGUF metadata is read (a fraction of a second even for the 491 MB qwen file), so the qwen
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.gguf import read_metadata
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer, _cached_spm_merges
-from engine.tokenizer_rules import PRE_NAMES, PRE_TYPES, clean_spaces, pre_tokenizer
+from engine.loading.gguf import read_metadata
+from engine.text.tokenizer import IncrementalDetokenizer, Tokenizer, _cached_spm_merges
+from engine.text.tokenizer_rules import PRE_NAMES, PRE_TYPES, clean_spaces, pre_tokenizer
 
 DATA = Path(__file__).parent / "data"
 MODELS = {  # fixture dir -> model file name

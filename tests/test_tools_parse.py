@@ -1,4 +1,4 @@
-"""Tool calling (engine/tools.py, engine/tool_parser.py): formats, plans, grammars and the parser.
+"""Tool calling (engine/constrained/tools.py, engine/constrained/tool_parser.py): formats, plans, grammars and the parser.
 
 Parser tests feed crafted model outputs split at every character boundary: the content and the
 calls must not depend on the split, markup must never reach content, and the streamed deltas
@@ -13,11 +13,11 @@ import random
 import jsonschema
 import pytest
 
-from engine import tools as T
-from engine.chat import ChatTemplate
-from engine.gguf import read_metadata
-from engine.structured import GrammarError
-from engine.tool_parser import ContentDelta, ToolCallDelta, ToolCallParser
+from engine.constrained import tools as T
+from engine.text.chat import ChatTemplate
+from engine.loading.gguf import read_metadata
+from engine.constrained.structured import GrammarError
+from engine.constrained.tool_parser import ContentDelta, ToolCallDelta, ToolCallParser
 from grammar_walk import load, walk
 
 WEATHER = {"type": "function", "function": {

@@ -2,7 +2,7 @@
 
 Pieces and who uses them:
 - builders (`json_object`, `json_schema`, `gbnf`, `lark`, `regex`, `response_format`; defined in
-  engine/grammars.py, re-exported here) turn a request parameter into a `GrammarSpec`
+  engine/constrained/grammars.py, re-exported here) turn a request parameter into a `GrammarSpec`
   (llguidance's grammar text + the parameter's name for errors); they raise `GrammarError` (a
   ValueError with `.param`) for input that is not even well formed.
 - `StructuredOutputs` (one per model) owns the llguidance tokenizer and a compile cache keyed by
@@ -137,7 +137,7 @@ class CompiledGrammar:
 
 
 class GrammarState:
-    """Per-request matcher; the sampler's seam (see engine/sampling.py)."""
+    """Per-request matcher; the sampler's seam (see engine/core/sampling.py)."""
 
     fill_masks = staticmethod(fill_masks)  # the sampler masks every GrammarState row of a batch at once
 

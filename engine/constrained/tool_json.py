@@ -1,4 +1,4 @@
-"""Incremental JSON pieces for the tool-call parser (engine/tool_parser.py).
+"""Incremental JSON pieces for the tool-call parser (engine/constrained/tool_parser.py).
 
 `CallScanner` reads one call object (`{"name": ..., "arguments": ...}`) a character at a time and
 tracks only its top level: the keys, the name string, and the raw text of the arguments value

@@ -1,4 +1,4 @@
-"""llama.cpp's vocabulary rules as data, for engine/tokenizer.py.
+"""llama.cpp's vocabulary rules as data, for engine/text/tokenizer.py.
 
 Everything here mirrors `llama_vocab::impl::load` and `llm_tokenizer_bpe` in llama.cpp's
 src/llama-vocab.cpp: the pre-tokenizer regex list and flags for each `tokenizer.ggml.pre` name,

@@ -52,7 +52,7 @@ FORMATS = {f.name: f for f in (HERMES, LLAMA3, MISTRAL, GENERIC)}
 
 
 def detect_format(template: Any) -> ToolFormat:
-    """The tool format for a ChatTemplate (engine/chat.py) or a template source string."""
+    """The tool format for a ChatTemplate (engine/text/chat.py) or a template source string."""
     if isinstance(template, str) or template is None:
         src = template or ""
         supports = bool(re.search(r"\btools\b", src))

@@ -53,7 +53,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same for prompt tokens (completions echo)
     n: int = 1
     skip_special_tokens: bool = True
-    # structured output (engine/structured.py): a compiled-grammar handle, or None
+    # structured output (engine/constrained/structured.py): a compiled-grammar handle, or None
     grammar: object | None = None
 
     def __post_init__(self) -> None:
@@ -70,7 +70,7 @@ class SamplingParams:
 
 
 class SamplingState(Protocol):
-    """What the sampler reads from a sequence (engine/sequence.py)."""
+    """What the sampler reads from a sequence (engine/core/sequence.py)."""
 
     params: SamplingParams
     token_ids: list[int]

@@ -39,7 +39,7 @@ class ModelEntry:
 
 def config_dir() -> Path:
     env = os.environ.get("LLAMATRON_CONFIG_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
 
 
 def home() -> Path:

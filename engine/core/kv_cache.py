@@ -23,7 +23,7 @@ NO_HASH = None
 
 
 class SequenceBlocks(Protocol):
-    """What the pool needs from a sequence (engine/sequence.py implements it)."""
+    """What the pool needs from a sequence (engine/core/sequence.py implements it)."""
 
     token_ids: list[int]
     block_table: list[int]

@@ -1,6 +1,6 @@
 """LLMEngine: the synchronous step loop (schedule -> run -> sample -> outputs) and offline generate.
 
-AsyncEngine (engine/async_engine.py, importable from here) runs an LLMEngine on a background
+AsyncEngine (engine/core/async_engine.py, importable from here) runs an LLMEngine on a background
 thread for the API. One step:
     sched = scheduler.schedule()        # who computes how many tokens; aborts/preemptions applied
     result = runner.execute(sched)      # one forward pass, sampled tokens for finishing sequences
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import EngineConfig
+from ..config import EngineConfig
 from .kv_cache import KVCacheManager, num_blocks_for_budget
 from .outputs import RequestMetrics, RequestOutput, TokenLogprob
 from .output_processor import OutputProcessor
@@ -28,7 +28,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 
 if TYPE_CHECKING:
-    from .loader import LoadedModel
+    from ..loading.loader import LoadedModel
 
 log = logging.getLogger("llamatron.engine")
 
@@ -99,14 +99,14 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_mo
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, num_blocks: int | None = None) -> None:
         if loaded is None:
-            from .loader import load_model
+            from ..loading.loader import load_model
 
             loaded = load_model(config)
         self.config, self.loaded = config, loaded
         self.tokenizer, self.chat_template = loaded.tokenizer, loaded.chat_template
         self.model_config = mcfg = loaded.config
         if config.max_model_len <= 0:
-            from .loader import resolve_max_len
+            from ..loading.loader import resolve_max_len
 
             config.max_model_len = resolve_max_len(config, mcfg, loaded.ops.device.type)
         bs = config.block_size
@@ -223,7 +223,7 @@ class LLMEngine:
 
 
 def __getattr__(name: str):
-    """AsyncEngine lives in engine/async_engine.py (which imports this module); the API's contract
+    """AsyncEngine lives in engine/core/async_engine.py (which imports this module); the API's contract
     imports it from here, so resolve it lazily."""
     if name == "AsyncEngine":
         from .async_engine import AsyncEngine

@@ -35,7 +35,7 @@ class TemplateError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 _range_budget: contextvars.ContextVar[list[int]] = contextvars.ContextVar("chat_range_budget")
-# Set by capability probing (engine/chat.py): called with every value passed to `tojson`, so probe
+# Set by capability probing (engine/text/chat.py): called with every value passed to `tojson`, so probe
 # values can note that the template serialised them.
 tojson_hook: contextvars.ContextVar[Any] = contextvars.ContextVar("chat_tojson_hook", default=None)
 _PCT_WIDE = re.compile(r"%[#0 +\-]*(?:\*|\d{6,}|\d*\.(?:\*|\d{6,}))")  # '%999999999d', '%*d'

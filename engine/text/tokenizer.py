@@ -108,7 +108,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> "Tokenizer":
-        from .gguf import read_metadata
+        from ..loading.gguf import read_metadata
 
         return cls.from_gguf_metadata(read_metadata(path))
 

@@ -3,7 +3,7 @@
 Builders for each way a request can constrain its output: `json_object`, `json_schema`, `gbnf`
 (llama.cpp grammars), `lark`, `regex`, and `response_format` (OpenAI's object). Input that is not
 even well formed raises `GrammarError` (a ValueError with `.param`, the request parameter to name
-in the 400); the rest is validated when engine/structured.py compiles the spec.
+in the 400); the rest is validated when engine/constrained/structured.py compiles the spec.
 """
 
 from __future__ import annotations

@@ -12,12 +12,12 @@ import torch
 
 from kernels import Ops, backend
 
-from .chat import ChatTemplate
-from .config import EngineConfig, ModelConfig
+from ..text.chat import ChatTemplate
+from ..config import EngineConfig, ModelConfig
 from .gguf import GGUFFile
-from .model import Model, check_tensors
+from ..model import Model, check_tensors
 from .registry import resolve
-from .tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 log = logging.getLogger("llamatron.loader")
 

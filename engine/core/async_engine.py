@@ -17,13 +17,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from .config import EngineConfig
+from ..config import EngineConfig
 from .engine import EngineDeadError, EngineOverloadedError, EngineStats, LLMEngine, validate_request
 from .outputs import RequestOutput
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from .loader import LoadedModel
+    from ..loading.loader import LoadedModel
 
 log = logging.getLogger("llamatron.engine")
 

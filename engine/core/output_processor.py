@@ -20,7 +20,7 @@ from .sequence import Sequence
 
 
 def default_detokenizer_factory(tokenizer: Any, params: SamplingParams) -> Any:
-    from .tokenizer import IncrementalDetokenizer
+    from ..text.tokenizer import IncrementalDetokenizer
 
     return IncrementalDetokenizer(tokenizer, skip_special=params.skip_special_tokens)
 

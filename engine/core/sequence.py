@@ -42,7 +42,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     arrival: int = field(default_factory=lambda: next(_arrival))  # FCFS order, survives preemption
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
-    # output bookkeeping (engine/engine.py)
+    # output bookkeeping (engine/core/engine.py)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None

@@ -1,0 +1,1 @@
+"""The serving core: LLMEngine/AsyncEngine, scheduler, paged KV cache, runner, sampler, outputs."""

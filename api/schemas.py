@@ -162,11 +162,24 @@ def _part(i: int, p: Any) -> ContentPart:
     return ContentPart.model_construct(type="text", text=p["text"])
 
 
+class ToolCallFunction(_Body):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; llama.cpp also takes an object
+
+
+class ToolCall(_Body):
+    """An assistant message's earlier call, as the client sends it back in the history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Body):
     role: str
     content: Any = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
 
@@ -202,10 +215,12 @@ class ChatMessage(_Body):
     def to_template(self) -> dict[str, Any]:
         """The dict a chat template sees: string content, optional tool fields."""
         m: dict[str, Any] = {"role": self.role, "content": self.text()}
-        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+        for key in ("name", "tool_call_id", "reasoning_content"):
             value = getattr(self, key)
             if value is not None:
                 m[key] = value
+        if self.tool_calls is not None:
+            m["tool_calls"] = [tc.model_dump(exclude_none=True) for tc in self.tool_calls]
         return m
 
 

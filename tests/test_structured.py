@@ -10,6 +10,7 @@ import asyncio
 import json
 import random
 import re
+import time
 
 import jsonschema
 import numpy as np
@@ -264,3 +265,53 @@ def test_open_schema_gets_no_invented_keys(smol):
     opened = so.compile(S.json_schema(schema, closed=False)).new_state()
     ids = tok.encode('{"n":1,"extra":2}', add_special=False)
     assert opened.matcher.try_consume_tokens(ids) == len(ids)
+
+
+def _gbnf_chain(n: int) -> str:
+    return "root ::= r0\n" + "".join(f'r{i} ::= "a" r{i + 1}\n' for i in range(n)) + f'r{n} ::= "b"\n'
+
+
+def _nested(levels: int) -> dict:
+    d: dict = {"type": "object"}
+    for _ in range(levels):
+        d = {"type": "object", "properties": {"a": d}}
+    return d
+
+
+@pytest.mark.parametrize("build,param", [
+    # each of these took seconds to minutes (GBNF conversion and draft-04 enum checks are quadratic)
+    # or raised RecursionError (a 500) before the limits; now a GrammarError before the work
+    (lambda: S.gbnf(_gbnf_chain(1500)), "grammar"),
+    (lambda: S.gbnf("root ::= " + " ".join(['"a"'] * 40_000)), "grammar"),
+    (lambda: S.json_schema({"$schema": "http://json-schema.org/draft-04/schema#",
+                            "enum": [[i, str(i), {"k": i}][i % 3] for i in range(1500)]}), "response_format"),
+    (lambda: S.json_schema(_nested(200), param="json_schema"), "json_schema"),
+    (lambda: S.json_schema("[" * 50_000 + "]" * 50_000, param="json_schema"), "json_schema"),
+    (lambda: S.json_schema("[" * 5_000 + "]" * 5_000, param="json_schema"), "json_schema"),
+    (lambda: S.json_schema({"type": "object", "description": "x" * 70_000}), "response_format"),
+])
+def test_grammar_limits_fail_fast(build, param) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(S.GrammarError) as e:
+        build()
+    assert e.value.param == param and time.monotonic() - t0 < 0.5
+
+
+def test_grammar_limits_admit_real_grammars() -> None:
+    S.gbnf(_gbnf_chain(900))
+    S.json_schema(_nested(30))
+    S.json_schema({"enum": list(range(1000))})
+
+
+def test_a_grammar_that_admits_nothing_is_rejected_at_compile(smol) -> None:
+    _, so = smol
+    with pytest.raises(S.GrammarError, match="admits no output") as e:
+        so.compile(S.json_schema({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}))
+    assert e.value.param == "response_format"
+
+
+def test_compile_deadline(smol) -> None:
+    _, so = smol
+    with pytest.raises(S.GrammarError, match="time budget"):
+        so.compile(S.json_schema({"type": "object", "properties": {"zz": {"type": "integer"}}}),
+                   deadline=time.monotonic() - 1)

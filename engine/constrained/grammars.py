@@ -4,6 +4,10 @@ Builders for each way a request can constrain its output: `json_object`, `json_s
 (llama.cpp grammars), `lark`, `regex`, and `response_format` (OpenAI's object). Input that is not
 even well formed raises `GrammarError` (a ValueError with `.param`, the request parameter to name
 in the 400); the rest is validated when engine/constrained/structured.py compiles the spec.
+
+Every builder checks `GrammarLimits` before any work that grows faster than its input: llguidance's
+GBNF converter is quadratic in the number of rules, jsonschema's draft-04 `uniqueItems` check of an
+`enum` is quadratic in its values, and the schema walkers recurse once per nesting level.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ from typing import Any
 
 import llguidance as llg
 
-__all__ = ["GrammarError", "GrammarSpec", "json_object", "json_schema", "gbnf", "lark", "regex",
-           "response_format", "close_objects"]
+__all__ = ["GrammarError", "GrammarLimits", "GrammarSpec", "DEFAULT_LIMITS", "json_object", "json_schema", "gbnf",
+           "lark", "regex", "response_format", "close_objects", "check_schema_shape"]
 
 # compact JSON unless a schema's own "x-guidance" says otherwise: free whitespace lets small
 # models ramble (newlines and indentation until max_tokens)
@@ -31,6 +35,21 @@ class GrammarError(ValueError):
 
 
 @dataclass(frozen=True)
+class GrammarLimits:
+    """Caps on what a request may ask the grammar machinery to build (each exceeded: a 400)."""
+
+    max_chars: int = 65_536  # grammar text, or a schema serialized as JSON
+    max_rules: int = 1_000  # GBNF rules (~0.3 s to convert at the cap, 2,500 rules take seconds)
+    max_depth: int = 64  # JSON nesting of a schema (objects and arrays)
+    max_enum_values: int = 1_000  # enum/const values across one schema (OpenAI's limit too)
+    max_tools: int = 128  # functions in one request (OpenAI's limit)
+    timeout_s: float = 5.0  # building + compiling one grammar
+
+
+DEFAULT_LIMITS = GrammarLimits()
+
+
+@dataclass(frozen=True)
 class GrammarSpec:
     grammar: str  # llguidance grammar text (Lark, or its JSON grammar list)
     param: str  # request parameter it came from, for error messages
@@ -43,19 +62,24 @@ def json_object(param: str = "response_format") -> GrammarSpec:
 
 
 def json_schema(schema: Any, strict: bool = False, param: str = "response_format",
-                compact: bool = True, closed: bool = True) -> GrammarSpec:
+                compact: bool = True, closed: bool = True, limits: GrammarLimits = DEFAULT_LIMITS) -> GrammarSpec:
     """Any JSON matching `schema`. `strict` is accepted for OpenAI compatibility; enforcement is
     the same either way (every keyword we accept is enforced; unsupported ones are a 400).
     `closed`: objects that list `properties` get no others unless the schema says otherwise (see
     `close_objects`); `compact`: no optional whitespace."""
     if isinstance(schema, str):
+        if len(schema) > limits.max_chars:
+            raise GrammarError(f"schema is longer than {limits.max_chars} characters", param)
         try:
             schema = json.loads(schema)
+        except RecursionError:
+            raise GrammarError(f"schema is nested more than {limits.max_depth} levels deep", param) from None
         except ValueError as e:
             raise GrammarError(f"schema is not valid JSON: {e}", param) from None
     if not isinstance(schema, (dict, bool)):
         raise GrammarError("schema must be a JSON object", param)
     if isinstance(schema, dict):
+        check_schema_shape(schema, param, limits)
         _check_schema(schema, param)
         if closed:
             schema = close_objects(schema)
@@ -96,6 +120,27 @@ def close_objects(schema: Any, _in_all_of: bool = False) -> Any:
     return out
 
 
+def check_schema_shape(schema: Any, param: str, limits: GrammarLimits = DEFAULT_LIMITS) -> None:
+    """Depth, enum values and size of a decoded schema, walked without recursion (a schema
+    nested 10,000 deep must fail here, not as a RecursionError further on)."""
+    stack, enums = [(schema, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        if depth > limits.max_depth:
+            raise GrammarError(f"schema is nested more than {limits.max_depth} levels deep", param)
+        if isinstance(node, dict):
+            enum = node.get("enum")
+            enums += len(enum) if isinstance(enum, list) else 0
+            enums += "const" in node
+            stack += [(v, depth + 1) for v in node.values() if isinstance(v, (dict, list))]
+        else:
+            stack += [(v, depth + 1) for v in node if isinstance(v, (dict, list))]
+        if enums > limits.max_enum_values:
+            raise GrammarError(f"schema has more than {limits.max_enum_values} enum values", param)
+    if len(json.dumps(schema)) > limits.max_chars:
+        raise GrammarError(f"schema is larger than {limits.max_chars} characters as JSON", param)
+
+
 def _check_schema(schema: dict, param: str) -> None:
     """Reject schemas that are malformed by the JSON Schema meta-schema (llguidance checks the
     keywords it implements; this catches e.g. `"required": "x"`)."""
@@ -108,18 +153,30 @@ def _check_schema(schema: dict, param: str) -> None:
         raise GrammarError(f"invalid JSON schema at '{where}': {e.message}", param) from None
 
 
-def gbnf(text: str, param: str = "grammar") -> GrammarSpec:
-    """llama.cpp GBNF (or a Lark grammar starting with %llguidance, as llama.cpp accepts)."""
+def _check_text(text: Any, param: str, limits: GrammarLimits) -> None:
     if not isinstance(text, str) or not text.strip():
         raise GrammarError("grammar must be a non-empty string", param)
+    if len(text) > limits.max_chars:
+        raise GrammarError(f"grammar is longer than {limits.max_chars} characters", param)
+
+
+def gbnf(text: str, param: str = "grammar", limits: GrammarLimits = DEFAULT_LIMITS) -> GrammarSpec:
+    """llama.cpp GBNF (or a Lark grammar starting with %llguidance, as llama.cpp accepts)."""
+    _check_text(text, param, limits)
+    if text.count("::=") > limits.max_rules:
+        raise GrammarError(f"grammar has more than {limits.max_rules} rules", param)
     try:
         return GrammarSpec(llg.grammar_from("gbnf", text), param, "gbnf")
     except ValueError as e:
         raise GrammarError(f"invalid grammar: {e}", param) from None
 
 
-def lark(text: str, param: str = "grammar") -> GrammarSpec:
-    if not isinstance(text, str) or not text.strip():
+def lark(text: str, param: str = "grammar", limits: GrammarLimits | None = None) -> GrammarSpec:
+    """A Lark grammar; `limits` None for grammars we built ourselves (tools: their schemas were
+    checked one by one)."""
+    if limits is not None:
+        _check_text(text, param, limits)
+    elif not isinstance(text, str) or not text.strip():
         raise GrammarError("grammar must be a non-empty string", param)
     return GrammarSpec(llg.LLMatcher.grammar_from_lark(text), param, "lark")
 
@@ -130,7 +187,8 @@ def regex(pattern: str, param: str = "regex") -> GrammarSpec:
     return GrammarSpec(llg.LLMatcher.grammar_from_regex(pattern), param, "regex")
 
 
-def response_format(rf: Any, param: str = "response_format") -> GrammarSpec | None:
+def response_format(rf: Any, param: str = "response_format",
+                    limits: GrammarLimits = DEFAULT_LIMITS) -> GrammarSpec | None:
     """OpenAI `response_format` -> spec (None for {"type": "text"}). Also llama-server's
     {"type": "json_object", "schema": {...}}."""
     if rf is None:
@@ -143,11 +201,11 @@ def response_format(rf: Any, param: str = "response_format") -> GrammarSpec | No
     if kind in (None, "text"):
         return None
     if kind == "json_object":
-        return json_schema(rf["schema"], param=param) if "schema" in rf else json_object(param)
+        return json_schema(rf["schema"], param=param, limits=limits) if "schema" in rf else json_object(param)
     if kind == "json_schema":
         js = rf.get("json_schema")
         if not isinstance(js, dict) or "schema" not in js and "name" not in js:
             raise GrammarError("response_format.json_schema must be an object with a 'schema'", param)
         schema = js.get("schema", {"type": "object"})
-        return json_schema(schema, strict=bool(js.get("strict")), param=param)
+        return json_schema(schema, strict=bool(js.get("strict")), param=param, limits=limits)
     raise GrammarError(f"unsupported response_format type {kind!r}", param)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -95,22 +96,32 @@ class StructuredOutputs:
             raise RuntimeError(f"llguidance tokenizer failed to build: {self._init_error}")
         return self._ll
 
-    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
-        """Validate and compile (cached by grammar text). Raises GrammarError(param=spec.param)."""
+    def compile(self, spec: GrammarSpec, deadline: float | None = None) -> CompiledGrammar:
+        """Validate and compile (cached by grammar text). Raises GrammarError(param=spec.param),
+        also when time.monotonic() passes `deadline` or the grammar admits no output at all."""
         with self._lock:
             hit = self._cache.get(spec.grammar)
             if hit is not None:
                 self._cache.move_to_end(spec.grammar)
                 return hit
         ll = self.ll_tokenizer
+        what = spec.kind.replace("_", " ")
         # validation and matcher construction both drop the GIL (they can take ~1-100 ms)
         err = llg.LLMatcher.validate_grammar(spec.grammar, ll)
         if err:
-            raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {err}", spec.param)
+            raise GrammarError(f"invalid {what}: {err}", spec.param)
+        _check_deadline(deadline, spec)
         matcher = llg.LLMatcher(ll, spec.grammar, log_level=0)
         if matcher.is_error():
-            raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {matcher.get_error()}", spec.param)
+            raise GrammarError(f"invalid {what}: {matcher.get_error()}", spec.param)
+        _check_deadline(deadline, spec)
         compiled = CompiledGrammar(spec, matcher, self.vocab_size)
+        # a grammar can be well formed yet admit nothing (`{"$ref": "#"}` refers only to itself):
+        # find out now, as a 400, rather than at the first generated token
+        probe = matcher.deep_copy()
+        if not probe.is_accepting() and not _any_bit(compiled.new_state(probe).fill_bitmask_or_none()):
+            why = (probe.get_error() or "no token can start it").split("\n", 1)[0]
+            raise GrammarError(f"the {what} admits no output ({why})", spec.param)
         with self._lock:
             self._cache[spec.grammar] = compiled
             while len(self._cache) > self._cache_size:
@@ -120,8 +131,14 @@ class StructuredOutputs:
     async def compile_async(self, spec: GrammarSpec) -> CompiledGrammar:
         return await asyncio.to_thread(self.compile, spec)
 
-    async def new_state_async(self, spec: GrammarSpec) -> GrammarState:
-        return (await self.compile_async(spec)).new_state()
+
+def _check_deadline(deadline: float | None, spec: GrammarSpec) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise GrammarError(f"compiling the {spec.kind.replace('_', ' ')} took longer than its time budget", spec.param)
+
+
+def _any_bit(mask: np.ndarray | None) -> bool:
+    return mask is not None and bool(mask.any())
 
 
 class CompiledGrammar:
@@ -132,8 +149,8 @@ class CompiledGrammar:
         self._matcher = matcher
         self.vocab_size = vocab_size
 
-    def new_state(self) -> GrammarState:
-        return GrammarState(self._matcher.deep_copy(), self)
+    def new_state(self, matcher: llg.LLMatcher | None = None) -> GrammarState:
+        return GrammarState(matcher or self._matcher.deep_copy(), self)
 
 
 class GrammarState:
@@ -154,6 +171,13 @@ class GrammarState:
         if m.is_error():
             raise RuntimeError(f"grammar error: {m.get_error()}")
         return bm
+
+    def fill_bitmask_or_none(self) -> np.ndarray | None:
+        """The bitmask, or None when the matcher is in an error state."""
+        try:
+            return self.fill_bitmask()
+        except RuntimeError:
+            return None
 
     def fill_mask(self, logits_row: torch.Tensor) -> None:
         """Set disallowed logits to -inf in place (`logits_row` is 1-D, >= vocab entries)."""

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .grammars import DEFAULT_LIMITS, GrammarLimits, check_schema_shape
 from .structured import GrammarError, GrammarSpec, close_objects, lark
 from .tool_parser import ParserSyntax, ToolCallParser
 
@@ -91,10 +92,11 @@ class ToolPlan:
 
 def plan_tools(fmt: ToolFormat, messages: list[dict], tools: list[dict] | None, tool_choice: Any = None,
                parallel_tool_calls: bool | None = True,
-               token_id: Callable[[str], int | None] | None = None) -> ToolPlan:
+               token_id: Callable[[str], int | None] | None = None,
+               limits: GrammarLimits = DEFAULT_LIMITS) -> ToolPlan:
     """Raises GrammarError(param="tools" | "tool_choice") for requests that cannot be enforced.
     `token_id(text)` looks up a single special token (for the Mistral marker); optional."""
-    fns = _check_tools(tools)
+    fns = _check_tools(tools, limits)
     choice = _check_choice(tool_choice, fns)
     parallel = parallel_tool_calls is not False
     if choice == "none" or not fns:
@@ -113,11 +115,13 @@ def plan_tools(fmt: ToolFormat, messages: list[dict], tools: list[dict] | None, 
     return ToolPlan(fmt, _inject_system(msgs, _generic_prompt(fns, choice, parallel)), None, grammar, fns)
 
 
-def _check_tools(tools: Any) -> list[dict]:
+def _check_tools(tools: Any, limits: GrammarLimits) -> list[dict]:
     if tools is None:
         return []
     if not isinstance(tools, list):
         raise GrammarError("tools must be an array", "tools")
+    if len(tools) > limits.max_tools:
+        raise GrammarError(f"at most {limits.max_tools} tools may be given", "tools")
     out, seen = [], set()
     for t in tools:
         if hasattr(t, "model_dump"):
@@ -136,6 +140,7 @@ def _check_tools(tools: Any) -> list[dict]:
         if not isinstance(params, dict):
             raise GrammarError(f"parameters of {name!r} must be a JSON schema object", "tools")
         params.setdefault("type", "object")  # arguments are always a JSON object
+        check_schema_shape(params, "tools", limits)
         _check_schema(params, name)
         out.append({"name": name, "description": fn.get("description") or "", "parameters": params})
     return out
@@ -161,7 +166,8 @@ def _check_choice(choice: Any, fns: list[dict]) -> str | dict:
         if choice == "required" and not fns:
             raise GrammarError("tool_choice 'required' needs tools", "tool_choice")
         return choice
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(choice, dict) or choice.get("type", "function") != "function" or not isinstance(name, str):
         raise GrammarError("tool_choice must be none, auto, required or "
                            "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")

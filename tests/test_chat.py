@@ -185,7 +185,7 @@ def test_jinja_features() -> None:
            "{% for i in range(4) %}{% if i == 1 %}{% continue %}{% endif %}{% if i == 3 %}{% break %}{% endif %}"
            "{{ i }}{% endfor %}|{{ strftime_now('%Y') }}|{{ bos_token }}{{ eos_token }}|{{ flag }}\n"
            "    {% if true %}\n  x\n    {% endif %}\n")
-    out = ChatTemplate(src, "<s>", "</s>").render([{"role": "user", "content": "hey"}], flag="on")
+    out = ChatTemplate(src, "<s>", "</s>").render([{"role": "user", "content": "hey"}], template_kwargs={"flag": "on"})
     year = time.strftime("%Y")
     # trim_blocks + lstrip_blocks: the block lines leave only "  x\n"
     assert out == (f'hey|{{\n  "k": "<ü>",\n  "a": [\n    1\n  ]\n}}|{{"a": 2, "b": 1}}|02|{year}|<s></s>|on\n'
@@ -274,3 +274,24 @@ def test_errors_are_template_errors() -> None:
     with pytest.raises(TemplateError):
         ChatTemplate("{{ 1 / 0 }}").render([])
     assert issubclass(TemplateError, ValueError)
+
+
+def test_render_time_budget_stops_exponential_macros() -> None:
+    """A macro that doubles its calls per level (2^40 here) ends at the render's time budget with a
+    TemplateError (a 400), whatever shape the loop takes: calls, output, attribute lookups."""
+    import time
+
+    from engine.text.chat import RenderTimeout
+
+    boom = "{% macro boom(n) %}{% if n > 0 %}{{ boom(n - 1) }}{{ boom(n - 1) }}{% endif %}{% endmacro %}"
+    sources = [boom + "{{ boom(40) }}",
+               "{% for a in range(5000) %}{% for b in range(5000) %}{% if a > b %}{% endif %}{% endfor %}{% endfor %}",
+               "{% for m in messages * 0 %}{% endfor %}" + boom + "{% set x = boom(40) %}"]
+    for src in sources:
+        t = ChatTemplate(src)
+        t0 = time.monotonic()
+        with pytest.raises(TemplateError):
+            t.render([{"role": "user", "content": "hi"}], timeout_s=0.3)
+        assert time.monotonic() - t0 < 1.5, src
+    with pytest.raises(RenderTimeout):
+        ChatTemplate(boom + "{{ boom(40) }}").render([], timeout_s=0.2)

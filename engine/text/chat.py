@@ -24,10 +24,10 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import SecurityError
 
-from .chat_sandbox import (MAX_OUTPUT_CHARS, MAX_RANGE_STEPS, TemplateError, _range_budget, _too_big,
-                           environment, tojson_hook)
+from .chat_sandbox import (MAX_OUTPUT_CHARS, RENDER_TIMEOUT_S, RenderTimeout, TemplateError, _too_big,
+                           check_deadline, end_render_budget, environment, render_budget, tojson_hook)
 
-__all__ = ["CHATML_SOURCE", "MAX_OUTPUT_CHARS", "ChatTemplate", "TemplateError", "detect_caps",
+__all__ = ["CHATML_SOURCE", "MAX_OUTPUT_CHARS", "ChatTemplate", "RenderTimeout", "TemplateError", "detect_caps",
            "normalize_messages", "normalize_tools"]
 
 # What llama-server renders when a model has no template (llama.cpp CHATML_TEMPLATE_SRC).
@@ -86,11 +86,14 @@ def _probe(cls: type, value: Any, log: set, key: str) -> Any:
     return obj
 
 
+PROBE_TIMEOUT_S = 0.5  # per capability probe: a tiny conversation renders in well under 1 ms
+
+
 def _probe_render(tmpl: "ChatTemplate", messages: list, tools: list) -> tuple[bool, str]:
     ctx = {"messages": messages, "tools": tools, "bos_token": "", "eos_token": "", "add_generation_prompt": True}
     token = tojson_hook.set(_touch_all)
     try:
-        return True, tmpl.render_raw(ctx)
+        return True, tmpl.render_raw(ctx, PROBE_TIMEOUT_S)
     except TemplateError:
         return False, ""
     finally:
@@ -318,34 +321,36 @@ class ChatTemplate:
         return tmpl
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
-               **extra: Any) -> str:
-        """The prompt for `messages` (OpenAI shape). `extra` are chat_template_kwargs."""
+               template_kwargs: dict[str, Any] | None = None, timeout_s: float = RENDER_TIMEOUT_S) -> str:
+        """The prompt for `messages` (OpenAI shape). `template_kwargs` are chat_template_kwargs; the
+        render fails with RenderTimeout after `timeout_s` seconds."""
         norm_tools = normalize_tools(tools)
         if norm_tools and self.tool_use is not None:
-            return self.tool_use.render(messages, add_generation_prompt, tools, **extra)
+            return self.tool_use.render(messages, add_generation_prompt, tools, template_kwargs, timeout_s)
         ctx: dict[str, Any] = {"messages": normalize_messages(self, messages), "bos_token": self.bos_token,
                                "eos_token": self.eos_token, "enable_thinking": True}
         if norm_tools:
             ctx["tools"] = norm_tools
         now = datetime.now()
         ctx["datetime"], ctx["date_string"] = now.strftime("%b %d %Y"), now.strftime("%d %b %Y")
-        ctx.update(extra)
+        ctx.update(template_kwargs or {})
         ctx["add_generation_prompt"] = bool(add_generation_prompt)
-        out = self.render_raw(ctx)
+        out = self.render_raw(ctx, timeout_s)
         if self.add_bos and self.bos_token and out.startswith(self.bos_token):
             out = out[len(self.bos_token):]
         if self.add_eos and self.eos_token and out.endswith(self.eos_token):
             out = out[: -len(self.eos_token)]
         return out
 
-    def render_raw(self, context: dict[str, Any]) -> str:
+    def render_raw(self, context: dict[str, Any], timeout_s: float = RENDER_TIMEOUT_S) -> str:
         """Render with exactly `context` (no normalisation); every failure becomes TemplateError."""
-        token = _range_budget.set([MAX_RANGE_STEPS])
+        budget = render_budget(timeout_s)
         try:
             parts, n = [], 0
             for chunk in self._template.generate(context):
                 n += len(chunk)
                 _too_big(n, "rendered prompt")
+                check_deadline()
                 parts.append(chunk)
             return "".join(parts)
         except TemplateError:
@@ -361,4 +366,4 @@ class ChatTemplate:
         except Exception as e:  # a template can raise anything Python can (TypeError, KeyError, ...)
             raise TemplateError(f"chat template failed to render: {type(e).__name__}: {e}") from e
         finally:
-            _range_budget.reset(token)
+            end_render_budget(budget)

@@ -3,7 +3,9 @@
 A template inside a model file is untrusted code (llama-cpp-python had a remote-code-execution CVE
 from an unsandboxed environment). On top of jinja's sandbox (no underscore attributes, no mutation,
 no file or process access) this bounds `range` iterations, string growth from `*`, `+`, `~`,
-padding/format widths and joins, and the rendered size. Failures are TemplateError (HTTP 400).
+padding/format widths and joins, the rendered size, and the render's time: every call (macros
+included), operator, attribute lookup, loop step and output chunk checks a deadline, so a macro
+that recurses exponentially stops at the budget. Failures are TemplateError (HTTP 400).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import json
 import re
+import time
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +27,7 @@ MAX_OUTPUT_CHARS = 16 * 1024 * 1024  # any prompt longer than this exceeds every
 MAX_WIDTH = 100_000  # widths a template may pass to padding / repeat / format operations
 MAX_RANGE_STEPS = 250_000  # total range() iterations in one render (nested loops multiply)
 _ITEM_COST = 16  # a list element counts as this many characters (lists are slower to copy)
+RENDER_TIMEOUT_S = 2.0  # default time budget of one render (the API passes its configured one)
 
 
 class TemplateError(ValueError):
@@ -35,12 +39,34 @@ class TemplateError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 _range_budget: contextvars.ContextVar[list[int]] = contextvars.ContextVar("chat_range_budget")
+# time.monotonic() after which the current render fails; None outside a render
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("chat_deadline", default=None)
 # Set by capability probing (engine/text/chat.py): called with every value passed to `tojson`, so probe
 # values can note that the template serialised them.
 tojson_hook: contextvars.ContextVar[Any] = contextvars.ContextVar("chat_tojson_hook", default=None)
 _PCT_WIDE = re.compile(r"%[#0 +\-]*(?:\*|\d{6,}|\d*\.(?:\*|\d{6,}))")  # '%999999999d', '%*d'
 _BRACE_WIDE = re.compile(r"\{[^{}]*:[^{}]*(?:\d{6,}|\{)")  # '{:>999999999}', '{:{}}'
 _STRFTIME_WIDE = re.compile(r"%[-_0^#]*\d{4,}")
+
+
+class RenderTimeout(TemplateError):
+    """The render ran past its time budget."""
+
+
+def check_deadline() -> None:
+    limit = _deadline.get()
+    if limit is not None and time.monotonic() > limit:
+        raise RenderTimeout("chat template rendering took longer than its time budget")
+
+
+def render_budget(timeout_s: float) -> tuple[contextvars.Token, contextvars.Token]:
+    """Starts a render's budgets (loop steps, time); undo with `end_render_budget`."""
+    return _range_budget.set([MAX_RANGE_STEPS]), _deadline.set(time.monotonic() + timeout_s)
+
+
+def end_render_budget(tokens: tuple[contextvars.Token, contextvars.Token]) -> None:
+    _range_budget.reset(tokens[0])
+    _deadline.reset(tokens[1])
 
 
 def _too_big(n: int, what: str) -> None:
@@ -71,6 +97,8 @@ class _GuardedRange:
                 budget[0] -= 1
                 if budget[0] < 0:
                     raise TemplateError(f"chat template ran more than {MAX_RANGE_STEPS} loop iterations")
+                if budget[0] & 1023 == 0:
+                    check_deadline()
             yield v
 
     def __reversed__(self) -> Any:
@@ -138,6 +166,7 @@ class _ChatEnvironment(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "+", "**", "%"})
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        check_deadline()
         seqs = (str, list, tuple)
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
@@ -153,6 +182,7 @@ class _ChatEnvironment(ImmutableSandboxedEnvironment):
         return _check_result(super().call_binop(context, operator, left, right), f"operator {operator}")
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        check_deadline()  # every macro call passes here: exponential recursion stops at the budget
         target = getattr(__obj, "__wrapped__", __obj)  # str.format arrives wrapped by the sandbox
         owner = getattr(target, "__self__", None)
         if isinstance(owner, str):
@@ -161,6 +191,14 @@ class _ChatEnvironment(ImmutableSandboxedEnvironment):
                 args = (list(args[0]), *args[1:])
             _guard_str_call(owner, name, args, kwargs)
         return _check_result(super().call(__context, __obj, *args, **kwargs), "call result")
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        check_deadline()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        check_deadline()
+        return super().getitem(obj, argument)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         # jinja would return a silent Undefined; a template probing internals gets a clear error

@@ -90,7 +90,8 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer, tokens: list[str], attrs: list[int], spm: bool, *,
                  bos_id: int | None, eos_id: int | None, add_bos: bool, add_eos: bool,
-                 add_space_prefix: bool, clean_spaces: bool, eog_ids: set[int]) -> None:
+                 add_space_prefix: bool, clean_spaces: bool, eog_ids: set[int],
+                 rstrip_ids: frozenset[int] = frozenset()) -> None:
         self.hf = hf
         self._tokens = tokens
         self._attrs = attrs
@@ -103,6 +104,10 @@ class Tokenizer:
         self.eog_ids = eog_ids
         self._add_space_prefix = add_space_prefix
         self._clean = clean_spaces
+        self.rstrip_ids = rstrip_ids  # added tokens that swallow the whitespace after them
+        # no token's text covers more characters than this: a prompt longer than
+        # context x this is too long without tokenizing it
+        self.max_token_chars = max(map(len, tokens), default=1)
         self._pieces: list[bytes | None] = [None] * len(tokens)  # filled lazily: cheap start-up
         self._lock = threading.Lock()  # encode_special_tokens is shared state of the HF object
 
@@ -185,7 +190,8 @@ class Tokenizer:
         hf.add_tokens([AddedToken(tokens[i], special=False, normalized=False, rstrip=i in rstrip)
                        for i in np.nonzero((a & USER_DEFINED) & ~(a & (CONTROL | UNKNOWN)))[0].tolist()])
         return cls(hf, tokens, attrs, spm, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos,
-                   add_eos=add_eos, add_space_prefix=add_space_prefix, clean_spaces=clean, eog_ids=eog)
+                   add_eos=add_eos, add_space_prefix=add_space_prefix, clean_spaces=clean, eog_ids=eog,
+                   rstrip_ids=frozenset(rstrip))
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """llama_tokenize: add_special adds BOS/EOS as the metadata says; parse_special lets
@@ -262,6 +268,10 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return self._tokens[token_id]
+
+    def special_ids(self) -> list[int]:
+        """Control (and unknown) tokens: the ones whose text becomes the token only with parse_special."""
+        return [i for i, a in enumerate(self._attrs) if a & (CONTROL | UNKNOWN)]
 
     def is_special(self, token_id: int) -> bool:
         """Control (and unknown) tokens: hidden by skip_special, parsed only with parse_special."""

@@ -184,3 +184,15 @@ def test_hits_survive_random_churn() -> None:
         kv.free(s)
     hits = kv.get_computed_blocks(Seq(base + [2]))
     assert len(hits) == 8
+
+
+def test_block_hash_is_a_chained_cryptographic_digest() -> None:
+    """128-bit BLAKE2b over parent digest + token ids: no crafted prompt can collide with another
+    user's cached prefix the way Python's 64-bit hash() allowed (vLLM's CVE-2025-25183)."""
+    from engine.core.kv_cache import block_hash
+
+    a = block_hash(None, (1, 2, 3, 4))
+    assert isinstance(a, bytes) and len(a) == 16
+    assert block_hash(None, (1, 2, 3, 4)) == a
+    assert block_hash(a, (5, 6, 7, 8)) != block_hash(None, (5, 6, 7, 8))  # the parent is part of it
+    assert block_hash(None, (1, 2, 3, 5)) != a and block_hash(None, (2**40, 2)) != block_hash(None, (0, 2))

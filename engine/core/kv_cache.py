@@ -7,7 +7,9 @@ layer); this module only decides which block ids each sequence owns.
   lists it; two sequences that share a prompt prefix share the prefix's blocks (ref count 2).
 - A block whose `block_size` tokens are all computed is *full* and gets a hash chained over its
   parent's hash and its token ids, so equal hashes mean equal whole prefixes. Full blocks are
-  entered in `cached` (hash -> block), shared by all requests.
+  entered in `cached` (hash -> block), shared by all requests. The hash is a 128-bit BLAKE2b
+  digest: with Python's 64-bit `hash()` a client could craft a prompt whose blocks collide with
+  another user's cached prefix and read its KV (vLLM's CVE-2025-25183 was this pattern).
 - A freed block (ref count 0) keeps its hash and stays in `cached`: a later request with the same
   prefix takes it back without recomputing. Free blocks sit in an LRU queue; allocation takes the
   least recently freed block and only then drops its hash (eviction).
@@ -15,11 +17,14 @@ layer); this module only decides which block ids each sequence owns.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
 NO_HASH = None
+BlockHash = bytes
 
 
 class SequenceBlocks(Protocol):
@@ -27,7 +32,7 @@ class SequenceBlocks(Protocol):
 
     token_ids: list[int]
     block_table: list[int]
-    block_hashes: list[int]  # hashes of the sequence's full blocks, in order (filled lazily)
+    block_hashes: list[BlockHash]  # hashes of the sequence's full blocks, in order (filled lazily)
     num_computed_tokens: int
 
 
@@ -35,13 +40,15 @@ class SequenceBlocks(Protocol):
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = NO_HASH
+    hash: BlockHash | None = NO_HASH
     token_ids: tuple[int, ...] = ()  # kept with the hash to rule out hash collisions on a hit
 
 
-def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+def block_hash(parent: BlockHash | None, token_ids: tuple[int, ...]) -> BlockHash:
     """Chained hash of a full block: equal hashes imply equal whole prefixes (parent included)."""
-    return hash((parent, token_ids))
+    h = hashlib.blake2b(parent or b"", digest_size=16)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
 
 
 def num_blocks_for_budget(budget_bytes: int, block_size: int, kv_bytes_per_token: int) -> int:
@@ -60,7 +67,7 @@ class KVCacheManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # ref-count-0 blocks, least recently freed first; values unused
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[BlockHash, int] = {}  # block hash -> block id
         self.hit_tokens = 0  # prompt tokens served from the cache, all time
         self.queried_tokens = 0
 
@@ -81,7 +88,7 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache ------------------------------------------------------------------------
-    def _hashes(self, seq: SequenceBlocks, num_full: int) -> list[int]:
+    def _hashes(self, seq: SequenceBlocks, num_full: int) -> list[BlockHash]:
         """Extend seq.block_hashes to cover its first `num_full` full blocks and return them."""
         bs, hashes = self.block_size, seq.block_hashes
         while len(hashes) < num_full:
@@ -90,7 +97,7 @@ class KVCacheManager:
             hashes.append(block_hash(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
         return hashes[:num_full]
 
-    def _lookup(self, h: int, token_ids: tuple[int, ...]) -> int | None:
+    def _lookup(self, h: BlockHash, token_ids: tuple[int, ...]) -> int | None:
         bid = self.cached.get(h)
         if bid is None or self.blocks[bid].token_ids != token_ids:
             return None

@@ -129,6 +129,8 @@ class EngineConfig:
     max_model_len: int = 0  # -c; 0: the model's training context (capped at 8192 on CPU)
     max_num_seqs: int = 8  # -np: sequences decoded together
     max_num_batched_tokens: int = 2048  # token budget of one step
+    # prompt tokens per step while sequences decode (their inter-token gap); 0: 256 on CPU, 1024 on GPU
+    long_prefill_tokens: int = 0
     block_size: int = 16
     kv_cache_gib: float = 1.0  # CPU: KV pool size
     gpu_memory_fraction: float = 0.85  # CUDA: fraction of free memory after weights for the KV pool

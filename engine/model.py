@@ -7,6 +7,7 @@ through `ops = kernels.backend(device)`; this file never branches on the device.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,10 @@ from kernels.reference import rope_cache
 
 from .config import ModelConfig
 from .loading.gguf import GGUFError, GGUFFile
+
+
+class StepInterrupted(Exception):
+    """The interrupt event given to Model.forward was set (checked between layers)."""
 
 
 @dataclass
@@ -94,13 +99,18 @@ class Model:
         return cls(cfg, ops, embed, layers, w("output_norm.weight"), lm_head, max_positions)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                interrupt: threading.Event | None = None) -> torch.Tensor:
+        """Hidden states of the last layer; `interrupt`, set from another thread, stops the pass
+        at the next layer with StepInterrupted."""
         ops, cfg = self.ops, self.cfg
         h = ops.embedding(input_ids, self.embed)
         if cfg.embed_scale != 1.0:
             h = h * cfg.embed_scale
         residual = None
         for i, layer in enumerate(self.layers):
+            if interrupt is not None and interrupt.is_set():
+                raise StepInterrupted()
             x, residual = ops.rms_norm(h, layer.attn_norm, cfg.rms_eps, residual)
             a = self._attention(i, layer, x, positions, meta, kv_caches[i])
             if layer.post_attn_norm is not None:

@@ -232,3 +232,65 @@ def test_random_arrivals_aborts_and_tiny_pool(seed: int) -> None:
         assert toks == expected[rid]
     assert set(finished) | aborted == set(expected)
     assert kv.num_free_blocks == kv.num_blocks
+
+
+def _step(scheduler: Scheduler, runner: FakeRunner) -> SchedulerOutput:
+    """One schedule + fake forward + token append (no finishing)."""
+    out = scheduler.schedule()
+    sampled = runner.execute(out)
+    scheduler.update(out)
+    for s in out.seqs:
+        if s.request_id in sampled:
+            s.append_token(sampled[s.request_id])
+    return out
+
+
+def test_one_request_gets_its_share_of_slots_not_all() -> None:
+    """n=16 choices (one group) on 8 slots run 8 at a time while alone; a second request that
+    arrives gets a slot within one step (a choice of the first is preempted), and the first keeps
+    the rest. Outputs stay exactly what they are alone (preemption is recompute)."""
+    kv = KVCacheManager(256, BS)
+    sched, runner = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64), FakeRunner(256)
+    big = [Sequence(f"big-{i}", [1, 2, 3], SamplingParams(max_tokens=50), 50, group="big") for i in range(16)]
+    for s in big:
+        sched.add(s)
+    for _ in range(3):
+        _step(sched, runner)
+    assert len(sched.running) == 8 and {s.group for s in sched.running} == {"big"}
+    small = make("small", [7, 8, 9], 5)
+    sched.add(small)
+    out = _step(sched, runner)
+    assert small in sched.running and small in out.seqs
+    assert sum(s.group == "big" for s in sched.running) == 7 and len(out.preempted) == 1
+    for _ in range(3):  # steady state: no more preemption while the small one is at its share
+        assert not _step(sched, runner).preempted
+
+
+def test_shares_split_slots_between_requests() -> None:
+    kv = KVCacheManager(256, BS)
+    sched, runner = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64), FakeRunner(256)
+    for g in ("a", "b"):
+        for i in range(8):
+            sched.add(Sequence(f"{g}{i}", [1, 2, 3, i], SamplingParams(max_tokens=99), 99, group=g))
+    for _ in range(12):
+        _step(sched, runner)
+    held = [s.group for s in sched.running]
+    assert len(held) == 8 and held.count("a") == 4 and held.count("b") == 4
+
+
+def test_prompt_chunks_are_capped_while_others_decode() -> None:
+    kv = KVCacheManager(512, BS)
+    sched, runner = Scheduler(kv, 4, max_num_batched_tokens=512, long_prefill_tokens=32), FakeRunner(512)
+    dec = make("dec", [1, 2, 3], 200)
+    sched.add(dec)
+    _step(sched, runner)  # prefill alone: whole prompt
+    sched.add(make("long", list(range(1, 300)), 1))
+    sizes = []
+    while sched.requests["long"].num_computed_tokens < 299:
+        out = _step(sched, runner)
+        assert dec in out.seqs, "the decoder was skipped"
+        sizes.append(out.num_new_tokens[out.seqs.index(sched.requests["long"])])
+    assert max(sizes) == 32 and len(sizes) == 10  # 299 tokens in chunks of at most 32
+    lone = Scheduler(KVCacheManager(512, BS), 4, max_num_batched_tokens=512, long_prefill_tokens=32)
+    lone.add(make("long", list(range(1, 300)), 1))
+    assert lone.schedule().num_new_tokens == [299]  # nothing decodes: the whole budget

@@ -57,6 +57,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             eng = self._engine = LLMEngine(self.config, self._loaded)
+            eng.warm_up_request_paths()
         except Exception as e:  # noqa: BLE001 - reported through /health and load_error
             log.exception("model load failed")
             self.load_error, self._dead = f"{type(e).__name__}: {e}", True
@@ -90,9 +91,9 @@ class AsyncEngine:
             if kind == "stop":
                 return False
             if kind == "add":
-                _, rid, ids, params = item
+                _, rid, ids, params, group = item
                 try:
-                    eng.add_request(rid, ids, params)
+                    eng.add_request(rid, ids, params, group)
                 except Exception as e:  # noqa: BLE001 - goes back to the caller of generate()
                     self._send(rid, e)
             elif kind == "abort":
@@ -123,8 +124,12 @@ class AsyncEngine:
             if len(self._streams) >= self.max_waiting + self.config.max_num_seqs:
                 raise EngineOverloadedError("too many requests are waiting")
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+               group: str | None = None) -> RequestStream:
+        """Validates and queues one request now: ContextLengthError, EngineOverloadedError,
+        EngineDeadError and ValueError are raised here, before any output. `group` ties the n
+        choices of one client request together for fair scheduling. Must be called on the event
+        loop that will read the returned stream."""
         self._check_admission()
         validate_request(prompt_token_ids, params, self.config.max_model_len, self.model_config.vocab_size)
         rid = request_id or f"req-{uuid.uuid4().hex}"
@@ -133,21 +138,29 @@ class AsyncEngine:
             if rid in self._streams:
                 raise ValueError(f"duplicate request id {rid!r}")
             self._streams[rid] = (asyncio.get_running_loop(), q)
-        self._inbox.put(("add", rid, list(prompt_token_ids), params))
-        finished = False
+        self._inbox.put(("add", rid, list(prompt_token_ids), params, group))
+        return RequestStream(self, rid, q)
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None, group: str | None = None) -> AsyncIterator[RequestOutput]:
+        """submit() and iterate: the outputs of one request as they come."""
+        stream = self.submit(prompt_token_ids, params, request_id, group)
         try:
-            while not finished:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
+            async for out in stream:
+                yield out
         finally:
-            with self._lock:
-                self._streams.pop(rid, None)
-            if not finished:  # cancelled or closed early: the client is gone
-                self._inbox.put(("abort", rid))
+            stream.close()
+
+    def release(self, rid: str, finished: bool) -> None:
+        """A stream is done with: forget it, and abort the request unless it finished."""
+        with self._lock:
+            self._streams.pop(rid, None)
+        if not finished:  # cancelled or closed early: the client is gone
+            self._inbox.put(("abort", rid))
+
+    @property
+    def thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -165,9 +178,40 @@ class AsyncEngine:
             ids = list(self._streams)
         for rid in ids:
             self.abort(rid)
+        if ids and self._engine is not None:
+            self._engine.interrupt()  # a long prefill step ends at its next layer, not in seconds
         deadline = time.monotonic() + 2.0  # let the aborts reach their streams as "abort" outputs
         while time.monotonic() < deadline and self._streams and not self._dead:
             await asyncio.sleep(0.02)
         self._inbox.put(("stop",))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
+
+
+class RequestStream:
+    """The outputs of one submitted request; close() (or leaving it unfinished) aborts it."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+        self.engine, self.request_id, self._q = engine, request_id, queue
+        self.finished = self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        item = await self._q.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            self.close()
+            raise item
+        self.finished = item.finished
+        if self.finished:
+            self.close()
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.engine.release(self.request_id, self.finished)

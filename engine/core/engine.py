@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import EngineConfig
+from ..model import StepInterrupted
 from .kv_cache import KVCacheManager, num_blocks_for_budget
 from .outputs import RequestMetrics, RequestOutput, TokenLogprob
 from .output_processor import OutputProcessor
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from ..loading.loader import LoadedModel
 
 log = logging.getLogger("llamatron.engine")
+# prompt tokens per step while others decode: about 0.3 s of a CPU step, ~50 ms of a GPU one
+LONG_PREFILL_DEFAULT = {"cpu": 256, "cuda": 1024}
 
 
 class ContextLengthError(ValueError):
@@ -116,7 +119,9 @@ class LLMEngine:
             config.max_model_len = num_blocks * bs
         self.kv_capacity_tokens = num_blocks * bs
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs))
+        long_prefill = config.long_prefill_tokens or LONG_PREFILL_DEFAULT.get(loaded.ops.device.type, 256)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
+                                   long_prefill)
         eog = set(getattr(self.tokenizer, "eog_ids", ()) or ())
         self.runner = ModelRunner(loaded.model, num_blocks, bs, config.max_model_len, config.max_num_seqs,
                                   Sampler(mcfg.vocab_size, eog), config.cuda_graphs)
@@ -140,10 +145,25 @@ class LLMEngine:
                              f"({per_token} bytes per token): raise kv_cache_gib / gpu_memory_fraction")
         return n
 
+    def warm_up_request_paths(self) -> None:
+        """Builds what preparing a request would otherwise build on first use while holding the
+        GIL (~0.1 s for a 49k vocabulary, more for 150k): llguidance's token trie, the
+        control-token matcher, jsonschema's validators. Run before the server says it is ready."""
+        import jsonschema  # noqa: F401
+
+        from ..constrained.structured import get_structured
+        from ..text.prompt import escaper
+
+        get_structured(self.tokenizer).ll_tokenizer
+        escaper(self.tokenizer)
+
     # ---- requests ----------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    group: str | None = None) -> None:
+        """`group`: the client request this one belongs to (its n choices share one), for fair
+        scheduling; None: its own."""
         max_tokens = validate_request(prompt_token_ids, params, self.config.max_model_len, self.model_config.vocab_size)
-        seq = Sequence(request_id, list(prompt_token_ids), params, max_tokens)
+        seq = Sequence(request_id, list(prompt_token_ids), params, max_tokens, group=group or "")
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)
@@ -158,6 +178,11 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---- one step ----------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        """Ends the step in flight at its next layer, its sequences aborted (shutdown: a long
+        prefill must not hold the process past its grace period). Thread-safe."""
+        self.runner.interrupt.set()
+
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         outs = [self.outputs.final(seq) for seq in sched.aborted]
@@ -165,6 +190,13 @@ class LLMEngine:
             return outs
         try:
             result = self.runner.execute(sched)
+        except StepInterrupted:
+            self.runner.interrupt.clear()
+            for seq in sched.seqs:
+                seq.aborted = True
+                self.scheduler.finish(seq, "abort")
+                outs.append(self.outputs.final(seq))
+            return outs
         except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep the engine alive
             log.exception("step failed")
             for seq in sched.seqs:

@@ -11,6 +11,7 @@ its end), and hands them to the sampler. Decode-only steps on CUDA replay captur
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,7 @@ class ModelRunner:
         self.device = model.ops.device
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
         self.sampler = sampler
+        self.interrupt = threading.Event()  # set from another thread: the eager pass stops at its next layer
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             try:
@@ -105,7 +107,7 @@ class ModelRunner:
         if self.graphs is not None and sched.is_decode_only and self.graphs.can_run(len(sched.seqs)):
             hidden = self.graphs.run(batch.input_ids, batch.positions, batch.meta)
         else:
-            hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+            hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv_caches, self.interrupt)
         for i, (row0, pos0, count) in batch.prompt_rows.items():
             self._prompt_logprobs(sched.seqs[i], hidden[row0 : row0 + count], pos0)
         if not batch.sample_seqs:

@@ -35,10 +35,11 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int  # resolved: params.max_tokens, or what the context leaves
+    group: str = ""  # the client request it belongs to (n choices share one): fairness unit; "" = own id
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # kv_cache.BlockHash per full block
     status: SequenceStatus = SequenceStatus.WAITING
     arrival: int = field(default_factory=lambda: next(_arrival))  # FCFS order, survives preemption
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
@@ -55,6 +56,7 @@ class Sequence:
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
     def __post_init__(self) -> None:
+        self.group = self.group or self.request_id
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
         if not self.metrics.arrival_time:

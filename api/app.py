@@ -7,9 +7,7 @@ answers 503 (Retry-After) instead of failing on a half-built engine.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -21,51 +19,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import native, openai
 from .auth import APIKeyMiddleware, load_keys
+from .context import AppContext
 from .errors import EXCEPTION_HANDLERS, APIError, CatchAllMiddleware, loading
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE
 
-BUILD_INFO = "llamatron-0.1.0"
+if TYPE_CHECKING:
+    from engine.core.async_engine import AsyncEngine
 
-
-class AppContext:
-    """What every handler needs; lives on app.state.ctx."""
-
-    def __init__(self, engine: Any, settings: Any) -> None:
-        self.engine, self.settings = engine, settings
-        self.metrics = Metrics(engine.stats)
-        self.model_id: str = settings.model_id()
-        self.model_path = Path(settings.model)
-        self.body_limit = int(settings.max_body_mb * 2**20)
-        self.active: dict[str, Any] = {}  # base id -> Run, for /slots
-        self.created = int(time.time())
-        self.build_info = BUILD_INFO
-        self.draining = False
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.engine.ready)
-
-    @property
-    def model_names(self) -> set[str]:
-        resolved = Path(str(self.engine.config.model))
-        return {self.model_id, self.settings.model, self.model_path.name, self.model_path.stem,
-                str(resolved), resolved.name, resolved.stem}
-
-    @property
-    def vocab_size(self) -> int:
-        return min(self.engine.tokenizer.vocab_size, self.engine.model_config.vocab_size)
-
-    @property
-    def eog_ids(self) -> set[int]:
-        return set(getattr(self.engine.tokenizer, "eog_ids", ()) or ())
-
-    def check_admitting(self) -> None:
-        if self.draining:
-            raise APIError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"})
-        if not self.ready:
-            if self.engine.load_error:
-                raise APIError(503, f"The model failed to load: {self.engine.load_error}", code="model_load_failed")
-            raise loading()
+    from .server import ServerSettings
 
 
 class _ReadyGate:
@@ -141,7 +102,7 @@ ROUTES = [
 ]
 
 
-def create_app(engine: Any, settings: Any) -> Starlette:
+def create_app(engine: AsyncEngine, settings: ServerSettings) -> Starlette:
     ctx = AppContext(engine, settings)
     middleware = [Middleware(CatchAllMiddleware)]
     if settings.cors_origin:
@@ -151,6 +112,7 @@ def create_app(engine: Any, settings: Any) -> Starlette:
                                      allow_headers=["Authorization", "Content-Type", "X-Api-Key"],
                                      expose_headers=["Retry-After"], max_age=600))
     keys = load_keys(settings.api_key, settings.api_key_file or None)
+    ctx.auth_required = bool(keys)
     if keys:
         middleware.append(Middleware(APIKeyMiddleware, keys=keys))
     middleware.append(Middleware(_ReadyGate, ctx=ctx))

@@ -27,20 +27,22 @@ def load_keys(keys: Iterable[str], key_file: str | None) -> list[str]:
     return out
 
 
-def presented_key(headers: dict[bytes, bytes]) -> str | None:
+def presented_key(headers: dict[bytes, bytes]) -> bytes | None:
+    """The key bytes as sent: header values are bytes, and a key typed in UTF-8 arrives as UTF-8
+    (decoding them as latin-1 and re-encoding as UTF-8 made every non-ASCII key fail)."""
     auth = headers.get(b"authorization")
     if auth is not None:
-        value = auth.decode("latin-1").strip()
-        scheme, _, rest = value.partition(" ")
-        return rest.strip() if scheme.lower() == "bearer" else value
+        value = auth.strip()
+        scheme, _, rest = value.partition(b" ")
+        return rest.strip() if scheme.lower() == b"bearer" else value
     x = headers.get(b"x-api-key")
-    return x.decode("latin-1").strip() if x is not None else None
+    return x.strip() if x is not None else None
 
 
-def key_matches(candidate: str | None, keys: list[str]) -> bool:
+def key_matches(candidate: bytes | None, keys: list[str]) -> bool:
     if candidate is None:
         return False
-    given = candidate.encode("utf-8", "surrogateescape")
+    given = candidate
     ok = False
     for k in keys:  # no early exit: every key is compared
         ok |= hmac.compare_digest(given, k.encode("utf-8"))

@@ -25,6 +25,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-np", "--parallel", type=int, default=None, help="sequences decoded together")
     p.add_argument("--max-batched-tokens", dest="max_batched_tokens", type=int, default=None,
                    help="token budget of one engine step")
+    p.add_argument("--long-prefill-tokens", dest="long_prefill_tokens", type=int, default=None,
+                   help="prompt tokens per step while other sequences decode (0: 256 on CPU, 1024 on GPU)")
     p.add_argument("--kv-cache-gib", dest="kv_cache_gib", type=float, default=None,
                    help="KV-cache pool size in GiB (CPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
@@ -41,9 +43,26 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-period", dest="grace_period", type=float, default=None,
                    help="seconds in-flight requests get on SIGTERM before they are aborted")
     p.add_argument("--max-body-mb", dest="max_body_mb", type=float, default=None,
-                   help="largest accepted request body (413 above)")
+                   help="largest accepted request body in MiB (413 above; 0: what --max-input-chars can use)")
     p.add_argument("--keep-alive", dest="keep_alive_s", type=int, default=None,
                    help="idle seconds before a kept-alive connection is closed")
+    p.add_argument("--header-timeout", dest="header_timeout_s", type=float, default=None,
+                   help="seconds a connection has to send its request headers (then it is closed)")
+    p.add_argument("--body-timeout", dest="body_timeout_s", type=float, default=None,
+                   help="seconds a request has to send its body (408 after)")
+    p.add_argument("--max-input-chars", dest="max_input_chars", type=int, default=None,
+                   help="characters of text in one request (0: context x the longest token)")
+    p.add_argument("--max-message-chars", dest="max_message_chars", type=int, default=None,
+                   help="characters of one message (0: --max-input-chars)")
+    p.add_argument("--template-timeout", dest="template_timeout_s", type=float, default=None,
+                   help="time budget of one chat-template render in seconds (400 after)")
+    p.add_argument("--grammar-timeout", dest="grammar_timeout_s", type=float, default=None,
+                   help="time budget to build and compile one grammar in seconds (400 after)")
+    p.add_argument("--max-grammar-chars", dest="max_grammar_chars", type=int, default=None,
+                   help="largest grammar text or JSON schema accepted")
+    p.add_argument("--parse-special-in-content", dest="parse_special_in_content", action="store_const",
+                   const=True, default=None,
+                   help="let control-token text inside messages become control tokens (llama-server's behaviour)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:

@@ -6,6 +6,8 @@ unexpected becomes a logged 500 with the same body shape, so clients always get 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -159,6 +161,14 @@ class CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when its shutdown grace ends: answer 503 rather
+            # than let it write a bare 500 (a stream already started just ends)
+            if not started:
+                err = APIError(503, "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"})
+                with contextlib.suppress(BaseException):
+                    await err.response()(scope, receive, send)
+            raise
         except Exception as exc:  # noqa: BLE001 - the whole point
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
             if not started:

@@ -6,24 +6,29 @@ like DRY or mirostat settings, are reported at their neutral values since we rej
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .errors import APIError, invalid
-from engine.constrained.structured import GrammarError
+from engine.core.sampling import SamplingParams
 
-from .openai import compile_grammar, grammar_spec, render_chat, respond
-from .runs import Job, Run, finite, read_json
+from .context import AppContext
+from .errors import APIError, invalid
+from .offload import Progress
+from .openai import respond
+from .plans import check_sizes, compile_grammar, decode_json, grammar_spec, message_chars, render_template
+from .runs import Job, Run, finite, read_body
 from .schemas import (ApplyTemplateRequest, DetokenizeRequest, NativeCompletionRequest, TokenizeRequest,
                       parse_body)
 
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
 
 
-def generation_settings(ctx: Any, req: NativeCompletionRequest | None = None) -> dict[str, Any]:
+def generation_settings(ctx: AppContext, req: NativeCompletionRequest | None = None) -> dict[str, Any]:
     r = req or NativeCompletionRequest.model_validate({"prompt": ""})
     n_predict = r.max_tokens if r.max_tokens is not None else r.n_predict
     return {
@@ -37,9 +42,7 @@ def generation_settings(ctx: Any, req: NativeCompletionRequest | None = None) ->
     }
 
 
-def native_params(ctx: Any, req: NativeCompletionRequest) -> Any:
-    from engine.core.sampling import SamplingParams
-
+def native_params(ctx: AppContext, req: NativeCompletionRequest) -> SamplingParams:
     for tid in req.logit_bias:
         if tid >= ctx.vocab_size:
             raise invalid(f"logit_bias token id {tid} is outside the vocabulary", "logit_bias")
@@ -60,7 +63,9 @@ def native_params(ctx: Any, req: NativeCompletionRequest) -> Any:
         raise invalid(str(e)) from None
 
 
-def prompt_ids(ctx: Any, parts: list[str | int]) -> list[int]:
+def prompt_ids(ctx: AppContext, parts: list[str | int]) -> list[int]:
+    """The client's own prompt: control-token text in it is parsed (llama-server)."""
+    check_sizes(ctx, [(f"prompt[{k}]", len(p)) for k, p in enumerate(parts) if isinstance(p, str)], "prompt")
     tok, ids = ctx.engine.tokenizer, []
     for k, p in enumerate(parts):
         if isinstance(p, str):
@@ -74,7 +79,7 @@ def prompt_ids(ctx: Any, parts: list[str | int]) -> list[int]:
     return ids
 
 
-def _probs(ctx: Any, out: Any) -> list[dict[str, Any]]:
+def _probs(ctx: AppContext, out: Any) -> list[dict[str, Any]]:
     tok = ctx.engine.tokenizer
 
     def entry(tid: int, lp: float) -> dict[str, Any]:
@@ -99,7 +104,7 @@ def _timings(out: Any, n_prompt: int) -> dict[str, Any]:
             "predicted_per_second": gen_n / gen_ms * 1000 if gen_ms else 0.0}
 
 
-async def native_events(ctx: Any, req: NativeCompletionRequest, run: Run, prompt_text: str,
+async def native_events(ctx: AppContext, req: NativeCompletionRequest, run: Run, prompt_text: str,
                         ids: list[int]) -> AsyncIterator[dict[str, Any]]:
     predicted, text_all = 0, []
     async for _, out in run.outputs():
@@ -140,56 +145,85 @@ async def fold_native(events: AsyncIterator[dict[str, Any]], return_tokens: bool
     return body
 
 
-async def completion(request: Request) -> Response:
-    ctx = request.app.state.ctx
-    ctx.check_admitting()
-    req = parse_body(NativeCompletionRequest, await read_json(request, ctx.body_limit))
+@dataclass
+class NativePlan:
+    req: NativeCompletionRequest
+    ids: list[int]
+    params: SamplingParams
+    prompt_text: str
+
+
+def prepare_native(progress: Progress, ctx: AppContext, raw: bytearray) -> NativePlan:
+    req = parse_body(NativeCompletionRequest, decode_json(raw))
+    progress.param = "prompt"
     ids = prompt_ids(ctx, req.prompt)
     params = native_params(ctx, req)
-    try:
-        spec = grammar_spec(req)
-    except GrammarError as e:
-        raise invalid(str(e), e.param) from None
+    started = time.monotonic()
+    spec = grammar_spec(ctx, req, progress)
     if spec is not None:
-        params.grammar = (await compile_grammar(ctx, spec)).new_state()
-    run = Run(ctx, [Job(ids, params, 0)], param="prompt")
+        params.grammar = compile_grammar(ctx, spec, progress, started).new_state()
     text = "".join(p if isinstance(p, str) else ctx.engine.tokenizer.decode([p]) for p in req.prompt)
-    events = native_events(ctx, req, run, text, ids)
+    return NativePlan(req, ids, params, text)
+
+
+async def completion(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    ctx.check_admitting()
+    plan = await ctx.offload.run(prepare_native, ctx, await read_body(request, ctx))
+    req = plan.req
+    run = Run(ctx, [Job(plan.ids, plan.params, 0)], param="prompt")
+    events = native_events(ctx, req, run, plan.prompt_text, plan.ids)
     if req.stream:  # llama-server's native stream has no [DONE] marker
         return await respond(request, run, events, True, None, done_marker=False)
     return await respond(request, run, events, False, lambda ev: fold_native(ev, req.return_tokens))
 
 
-async def tokenize(request: Request) -> Response:
-    ctx = request.app.state.ctx
-    req = parse_body(TokenizeRequest, await read_json(request, ctx.body_limit))
+def _tokenize(progress: Progress, ctx: AppContext, raw: bytearray) -> dict[str, Any]:
+    req = parse_body(TokenizeRequest, decode_json(raw))
+    progress.param = "content"
+    check_sizes(ctx, [("content", len(req.content))], "content", prompt=False)
     tok = ctx.engine.tokenizer
     ids = tok.encode(req.content, add_special=req.add_special, parse_special=req.parse_special)
     if req.with_pieces:
-        return JSONResponse({"tokens": [{"id": t, "piece": tok.token_piece(t)} for t in ids]})
-    return JSONResponse({"tokens": ids})
+        return {"tokens": [{"id": t, "piece": tok.token_piece(t)} for t in ids]}
+    return {"tokens": ids}
 
 
-async def detokenize(request: Request) -> Response:
-    ctx = request.app.state.ctx
-    req = parse_body(DetokenizeRequest, await read_json(request, ctx.body_limit))
+async def tokenize(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    return JSONResponse(await ctx.offload.run(_tokenize, ctx, await read_body(request, ctx)))
+
+
+def _detokenize(progress: Progress, ctx: AppContext, raw: bytearray) -> dict[str, Any]:
+    req = parse_body(DetokenizeRequest, decode_json(raw))
+    progress.param = "tokens"
     bad = [t for t in req.tokens if not 0 <= t < ctx.vocab_size]
     if bad:
         raise invalid(f"token id {bad[0]} is outside the vocabulary (size {ctx.vocab_size})", "tokens")
-    return JSONResponse({"content": ctx.engine.tokenizer.decode(req.tokens)})
+    return {"content": ctx.engine.tokenizer.decode(req.tokens)}
+
+
+async def detokenize(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    return JSONResponse(await ctx.offload.run(_detokenize, ctx, await read_body(request, ctx)))
+
+
+def _apply_template(progress: Progress, ctx: AppContext, raw: bytearray) -> dict[str, Any]:
+    req = parse_body(ApplyTemplateRequest, decode_json(raw))
+    check_sizes(ctx, [(f"messages[{i}].content", message_chars(m)) for i, m in enumerate(req.messages)],
+                "messages")
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    return {"prompt": render_template(ctx, [m.to_template() for m in req.messages], tools, req.chat_template_kwargs,
+                                      req.add_generation_prompt, progress)}
 
 
 async def apply_template(request: Request) -> Response:
-    ctx = request.app.state.ctx
-    req = parse_body(ApplyTemplateRequest, await read_json(request, ctx.body_limit))
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    prompt = render_chat(ctx, [m.to_template() for m in req.messages], tools, req.chat_template_kwargs,
-                         req.add_generation_prompt)
-    return JSONResponse({"prompt": prompt})
+    ctx: AppContext = request.app.state.ctx
+    return JSONResponse(await ctx.offload.run(_apply_template, ctx, await read_body(request, ctx)))
 
 
 async def props(request: Request) -> Response:
-    ctx = request.app.state.ctx
+    ctx: AppContext = request.app.state.ctx
     eng, tmpl = ctx.engine, ctx.engine.chat_template
     return JSONResponse({
         "default_generation_settings": {"params": generation_settings(ctx), "n_ctx": eng.config.max_model_len},
@@ -206,7 +240,7 @@ async def props(request: Request) -> Response:
 
 async def slots(request: Request) -> Response:
     """One entry per decoding slot (-np); busy slots show the engine requests in flight."""
-    ctx = request.app.state.ctx
+    ctx: AppContext = request.app.state.ctx
     eng = ctx.engine
     busy = [(run, st) for run in list(ctx.active.values()) for st in run.states if not st.finished]
     n_slots = eng.config.max_num_seqs
@@ -219,7 +253,8 @@ async def slots(request: Request) -> Response:
                                  "id_task": -1, "n_prompt_tokens": 0, "next_token": [{"n_decoded": 0}]}
         if i < len(busy):
             run, st = busy[i]
-            entry.update({"id_task": st.request_id, "n_prompt_tokens": len(st.job.prompt_ids),
-                          "next_token": [{"n_decoded": st.tokens}]})
+            # request ids are other clients' business: shown only behind an API key
+            entry.update({"id_task": st.request_id if ctx.auth_required else -1,
+                          "n_prompt_tokens": len(st.job.prompt_ids), "next_token": [{"n_decoded": st.tokens}]})
         out.append(entry)
     return JSONResponse(out)

@@ -1,8 +1,8 @@
 """The plumbing every generating endpoint shares: one HTTP request -> n engine requests.
 
-`Run` starts the engine requests, waits for each one's first output before any response byte is
-sent (so a context-length error or an overloaded engine becomes a proper 4xx/503, not a broken
-stream), then merges the outputs in arrival order. Closing a Run aborts whatever is unfinished:
+`Run` submits the engine requests before any response byte is sent (so a context-length error or
+an overloaded engine becomes a proper 4xx/503, not a broken stream), then merges their outputs in
+arrival order. Closing a Run aborts whatever is unfinished:
 that is how a client that goes away frees its KV blocks. `SSEResponse` and `until_disconnect`
 watch the connection so that happens promptly, streaming or not.
 """
@@ -18,12 +18,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from .errors import APIError, context_length_exceeded, invalid, overloaded
+
+if TYPE_CHECKING:
+    from engine.core.async_engine import RequestStream
+
+    from .context import AppContext
 
 log = logging.getLogger("llamatron.api")
 
@@ -72,7 +77,7 @@ class ChoiceState:
 
 @dataclass
 class Run:
-    ctx: Any  # api.app.AppContext
+    ctx: AppContext
     jobs: list[Job]
     param: str = "messages"  # what a context-length error names
     arrival: float = field(default_factory=time.monotonic)
@@ -82,34 +87,34 @@ class Run:
         self.states = [ChoiceState(j, f"{self.base_id}-{k}") for k, j in enumerate(self.jobs)]
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
-        self._buffer: list[tuple[int, Any]] = []
         self._closed = False
 
-    async def _pump(self, k: int) -> None:
-        st = self.states[k]
+    async def _pump(self, k: int, stream: RequestStream) -> None:
         try:
-            async for out in self.ctx.engine.generate(st.job.prompt_ids, st.job.params, request_id=st.request_id):
+            async for out in stream:
                 self._queue.put_nowait((k, out))
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             self._queue.put_nowait((k, e))
+        finally:
+            stream.close()
 
     async def start(self) -> None:
-        """Submits every job and waits until each has produced its first output (or failed)."""
+        """Submits every job. What makes a request unservable (too long for the context, engine
+        overloaded or stopped) is raised here, before any response byte, as a 4xx/503; outputs
+        then flow in the background (choices beyond the free slots may start much later)."""
         self.ctx.active[self.base_id] = self
-        self._tasks = [asyncio.create_task(self._pump(k)) for k in range(len(self.states))]
-        seen: set[int] = set()
+        streams: list[RequestStream] = []
         try:
-            while len(seen) < len(self.states):
-                k, item = await self._queue.get()
-                if isinstance(item, BaseException):
-                    raise engine_error(item, self.param)
-                seen.add(k)
-                self._buffer.append((k, item))
-        except BaseException:
+            for st in self.states:
+                streams.append(self.ctx.engine.submit(st.job.prompt_ids, st.job.params, st.request_id, self.base_id))
+        except BaseException as e:
+            for s in streams:
+                s.close()
             await self.close()
-            raise
+            raise engine_error(e, self.param) from None
+        self._tasks = [asyncio.create_task(self._pump(k, s)) for k, s in enumerate(streams)]
 
     def _account(self, k: int, out: Any) -> None:
         st, now = self.states[k], time.monotonic()
@@ -136,10 +141,7 @@ class Run:
         """(job, RequestOutput) pairs in arrival order until every choice has finished."""
         pending = sum(not s.finished for s in self.states)
         while pending:
-            if self._buffer:
-                k, item = self._buffer.pop(0)
-            else:
-                k, item = await self._queue.get()
+            k, item = await self._queue.get()
             if isinstance(item, BaseException):
                 raise engine_error(item, self.param)
             self._account(k, item)
@@ -179,28 +181,39 @@ class Run:
 
 # ---- JSON bodies and connection watching -------------------------------------------------------
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+JSON_TYPES = ("application/json",)
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The decoded body; 413 past `limit` bytes (checked while reading), 400 when not JSON."""
+def _is_json(content_type: str) -> bool:
+    """application/json or application/<something>+json, parameters (charset) allowed."""
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime in JSON_TYPES or (mime.startswith("application/") and mime.endswith("+json"))
+
+
+async def read_body(request: Request, ctx: AppContext) -> bytearray:
+    """The raw body of a JSON request (decoded later, off the event loop). 415 unless it says it
+    is JSON: the content types a web page may send cross-site without a CORS preflight
+    (text/plain, forms) never reach a handler. 413 past the size limit, checked while reading;
+    408 when the body does not arrive within the body timeout (a slow client holds no slot)."""
+    kind = request.headers.get("content-type", "")
+    if not _is_json(kind):
+        raise APIError(415, f"Content-Type must be application/json, not {kind or 'missing'!r}.",
+                       code="unsupported_media_type")
+    limit = ctx.body_limit
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        raise invalid("The request body is empty; expected a JSON object.")
+    body = bytearray()  # grown chunk by chunk: one join of a large body would block the loop
     try:
-        return json.loads(raw, parse_constant=_no_constants)
-    except (ValueError, RecursionError) as e:
-        raise invalid(f"The request body is not valid JSON: {e}") from None
+        async with asyncio.timeout(ctx.settings.body_timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+    except TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {ctx.settings.body_timeout_s:g} s.",
+                       code="request_timeout", headers={"Connection": "close"}) from None
+    return body
 
 
 async def _wait_disconnect(receive: Receive) -> None:

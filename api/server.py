@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("llamatron.server")
+MAX_CONNECTIONS = 4096  # beyond this uvicorn answers 503 instead of running out of file descriptors
 
 
 @dataclass
@@ -32,6 +33,7 @@ class ServerSettings:
     ctx_size: int = 0
     parallel: int = 8
     max_batched_tokens: int = 2048
+    long_prefill_tokens: int = 0
     kv_cache_gib: float = 1.0
     device: str = "auto"
     api_key: list[str] = field(default_factory=list)
@@ -41,8 +43,16 @@ class ServerSettings:
     log_format: str = "text"
     log_level: str = "info"
     grace_period: float = 10.0
-    max_body_mb: float = 32.0
+    max_body_mb: float = 0.0
     keep_alive_s: int = 30
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_input_chars: int = 0
+    max_message_chars: int = 0
+    template_timeout_s: float = 2.0
+    grammar_timeout_s: float = 5.0
+    max_grammar_chars: int = 65536
+    parse_special_in_content: bool = False
 
     def model_id(self) -> str:
         """The id clients see: the alias, else the registry name or the file's stem."""
@@ -56,6 +66,7 @@ class ServerSettings:
 
         return EngineConfig(model=self.model, device=self.device, max_model_len=self.ctx_size,
                             max_num_seqs=self.parallel, max_num_batched_tokens=self.max_batched_tokens,
+                            long_prefill_tokens=self.long_prefill_tokens,
                             kv_cache_gib=self.kv_cache_gib, chat_template=self.chat_template or None)
 
 
@@ -78,6 +89,15 @@ def _coerce(name: str, value: Any, from_text: bool) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError
             return list(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower() if from_text or isinstance(value, str) else None
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise TypeError
         if kind == "int":
             if isinstance(value, bool) or not isinstance(value, (int, str)):
                 raise TypeError
@@ -165,8 +185,11 @@ def setup_logging(fmt: str, level: str) -> None:
 def uvicorn_config(app: Any, settings: ServerSettings, **extra: Any) -> Any:
     import uvicorn
 
+    from .protocol import timed_protocol
+
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                          timeout_keep_alive=settings.keep_alive_s,
+                          timeout_keep_alive=settings.keep_alive_s, http=timed_protocol(settings.header_timeout_s),
+                          limit_concurrency=MAX_CONNECTIONS,
                           # uvicorn must outwait our own drain (grace, then aborts delivered as final
                           # events), or it cancels response tasks mid-stream and cuts connections.
                           timeout_graceful_shutdown=max(0, int(round(settings.grace_period))) + 5, **extra)
@@ -222,9 +245,15 @@ async def serve_async(settings: ServerSettings) -> int:
     finally:
         # uvicorn already waited up to grace_period for in-flight requests; abort what is left
         await engine.shutdown(grace_s=0)
+        app.state.ctx.offload.shutdown()
     loaded_ok = announce.done() and not announce.cancelled() and announce.result()
     announce.cancel()
-    return 0 if loaded_ok or engine.load_error is None else 1
+    rc = 0 if loaded_ok or engine.load_error is None else 1
+    if engine.thread_alive:  # stuck inside one native call: exiting normally would abort in C++
+        log.error("engine thread did not stop within its join timeout; exiting without cleanup")
+        logging.shutdown()
+        os._exit(rc)
+    return rc
 
 
 def run_server(settings: ServerSettings) -> int:
@@ -237,3 +266,4 @@ def run_server(settings: ServerSettings) -> int:
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+        logging.shutdown()

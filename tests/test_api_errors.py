@@ -28,6 +28,9 @@ def assert_error_body(r: httpx.Response) -> dict[str, Any]:
     return err
 
 
+JSON_CT = {"content-type": "application/json"}
+
+
 def send(client: httpx.Client, rec: dict[str, Any]) -> httpx.Response:
     body = rec["request_body"]
     content = body if isinstance(body, str) else (None if body is None else json.dumps(body))
@@ -68,9 +71,9 @@ def test_specific_statuses(api_server) -> None:  # noqa: F811
         assert r.status_code == 400 and assert_error_body(r)["param"] == "tokens"
         r = c.post("/v1/chat/completions", content=b"\xff\xfe{", headers={"content-type": "application/json"})
         assert r.status_code == 400
-        r = c.post("/v1/chat/completions", content="[" * 100000)  # deep nesting
+        r = c.post("/v1/chat/completions", content="[" * 100000, headers=JSON_CT)  # deep nesting
         assert r.status_code == 400
-        r = c.post("/v1/chat/completions", content='{"messages": NaN}')
+        r = c.post("/v1/chat/completions", content='{"messages": NaN}', headers=JSON_CT)
         assert r.status_code == 400
 
 
@@ -217,9 +220,9 @@ def test_cors(auth_server) -> None:
 def test_body_too_large_is_413(auth_server) -> None:
     big = json.dumps({"messages": [{"role": "user", "content": "x" * 100_000}]}).encode()
     with auth_server.client(headers={"Authorization": "Bearer secret"}) as c:
-        r = c.post("/v1/chat/completions", content=big)
+        r = c.post("/v1/chat/completions", content=big, headers=JSON_CT)
         assert r.status_code == 413 and assert_error_body(r)["code"] == "request_too_large"
-        r = c.post("/v1/chat/completions", content=iter([big[:30000], big[30000:]]))  # chunked, no length
+        r = c.post("/v1/chat/completions", content=iter([big[:30000], big[30000:]]), headers=JSON_CT)  # chunked
         assert r.status_code == 413
         assert c.get("/health").status_code == 200
 

@@ -117,12 +117,14 @@ def test_key_parsing_and_compare(tmp_path) -> None:
     f.write_text("# comment\nk2\n\n  k3 \n")
     keys = load_keys(["k1", ""], str(f))
     assert keys == ["k1", "k2", "k3"]
-    assert presented_key({b"authorization": b"Bearer k2"}) == "k2"
-    assert presented_key({b"authorization": b"bearer  k2 "}) == "k2"
-    assert presented_key({b"x-api-key": b"k3"}) == "k3"
+    assert presented_key({b"authorization": b"Bearer k2"}) == b"k2"
+    assert presented_key({b"authorization": b"bearer  k2 "}) == b"k2"
+    assert presented_key({b"x-api-key": b"k3"}) == b"k3"
     assert presented_key({}) is None
-    assert key_matches("k3", keys) and not key_matches("k4", keys) and not key_matches(None, keys)
-    assert not key_matches("k", keys) and not key_matches("k1k1", keys)
+    assert key_matches(b"k3", keys) and not key_matches(b"k4", keys) and not key_matches(None, keys)
+    assert not key_matches(b"k", keys) and not key_matches(b"k1k1", keys)
+    # header values are bytes: a UTF-8 key arrives as its UTF-8 bytes and must match
+    assert key_matches(presented_key({b"authorization": "Bearer clé-ключ".encode()}), ["clé-ключ"])
 
 
 def test_auth_middleware_guards_all_but_health() -> None:

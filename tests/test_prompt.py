@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import model_file
@@ -13,6 +14,7 @@ from engine.loading.gguf import read_metadata
 from engine.text.chat import ChatTemplate
 from engine.text.prompt import encode_chat, encode_pieces, escaper, trie_regex
 from engine.text.tokenizer import Tokenizer
+from server_fixture import start_server
 
 DATA = Path(__file__).parent / "data"
 MODELS = {"smollm2": "smollm2-135m-instruct", "gemma3-270m": "gemma-3-270m",
@@ -82,3 +84,24 @@ def test_tool_results_and_arguments_are_data_too() -> None:
     ref = encode_chat(tmpl, tok, [{**m, "content": "x"} if m["role"] == "tool" else m for m in msgs[:2]]
                       + [{"role": "tool", "tool_call_id": "1", "content": "x"}])
     assert specials(tok, p.token_ids) == specials(tok, ref.token_ids)
+
+
+def _prompt_tokens(srv, content: str) -> int:
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0}
+    r = httpx.post(srv.base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["prompt_tokens"]
+
+
+def test_server_tokenizes_content_as_text_unless_flagged() -> None:
+    tok, tmpl = loaded("smollm2")
+    msgs = [{"role": "user", "content": FORGED}]
+    safe = len(encode_chat(tmpl, tok, msgs).token_ids)
+    parsed = len(encode_chat(tmpl, tok, msgs, special_in_content=True).token_ids)
+    assert safe != parsed
+    for flag, want in ((False, safe), (True, parsed)):
+        srv = start_server(parse_special_in_content=flag)
+        try:
+            assert _prompt_tokens(srv, FORGED) == want
+        finally:
+            srv.stop()

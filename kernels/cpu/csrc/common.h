@@ -1,0 +1,23 @@
+/* Shared declarations of llamatron's CPU kernels (see kernels/cpu/__init__.py for the overview).
+ *
+ * Layouts (all row-major, C-contiguous):
+ *   activations x [M, K] fp32; quantized: qx int8 [M, K], dx fp32 [M, K/32] (block scale),
+ *   sx fp32 [M, K/16] (dx * sum of the 16 quants: the min/offset terms need it per 16).
+ *   weights "q4": qs uint8 [N, K/2]; each 128-weight chunk is 64 bytes, byte j = w[j] | w[j+64] << 4
+ *     (a 64-weight tail: byte j = w[j] | w[j+32] << 4); scales d, m per 32 weights.
+ *   weights "q8": qs uint8 [N, K] unsigned quants; scales d, m per G (16 or 32) weights.
+ *   Every weight is d * u + m for its unsigned quant u (signed GGUF quants carry their offset in m).
+ *   d and m are fp32 [N, K/G] or fp16 (`f16` set) where the GGUF values are fp16 already.
+ */
+#pragma once
+#include <stdint.h>
+#include <stddef.h>
+
+typedef void (*lt_task)(void *ctx, int64_t begin, int64_t end);
+
+/* pool.c: runs task(ctx, begin, end) over [0, n) split in `chunk`-sized pieces on the pool. */
+void lt_parallel_for(int64_t n, int64_t chunk, lt_task task, void *ctx);
+int lt_set_threads(int n);
+int lt_get_threads(void);
+
+float lt_f16_to_f32(uint16_t h);

@@ -30,6 +30,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gib", dest="kv_cache_gib", type=float, default=None,
                    help="KV-cache pool size in GiB (CPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--cpu-weights", dest="cpu_weights", choices=("auto", "exact"), default=None,
+                   help="CPU: quantized C kernels (auto) or dense fp32 torch reference (exact)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU kernel threads (0: all cores)")
     p.add_argument("--api-key", dest="api_key", action="append", default=None,
                    help="require this key (repeatable)")
     p.add_argument("--api-key-file", dest="api_key_file", default=None, help="file with one key per line")

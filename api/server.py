@@ -36,6 +36,8 @@ class ServerSettings:
     long_prefill_tokens: int = 0
     kv_cache_gib: float = 1.0
     device: str = "auto"
+    cpu_weights: str = "auto"
+    threads: int = 0
     api_key: list[str] = field(default_factory=list)
     api_key_file: str = ""
     chat_template: str = ""
@@ -67,7 +69,8 @@ class ServerSettings:
         return EngineConfig(model=self.model, device=self.device, max_model_len=self.ctx_size,
                             max_num_seqs=self.parallel, max_num_batched_tokens=self.max_batched_tokens,
                             long_prefill_tokens=self.long_prefill_tokens,
-                            kv_cache_gib=self.kv_cache_gib, chat_template=self.chat_template or None)
+                            kv_cache_gib=self.kv_cache_gib, chat_template=self.chat_template or None,
+                            cpu_weights=self.cpu_weights, threads=self.threads)
 
 
 class SettingsError(ValueError):
@@ -154,6 +157,8 @@ def load_settings(cli: dict[str, Any] | None = None, config_file: str | None = N
     s = ServerSettings(**values)
     if s.device not in ("auto", "cpu", "cuda"):
         raise SettingsError(f"device must be auto, cpu or cuda, not {s.device!r}")
+    if s.cpu_weights not in ("auto", "exact"):
+        raise SettingsError(f"cpu_weights must be auto or exact, not {s.cpu_weights!r}")
     if s.log_format not in ("text", "json"):
         raise SettingsError(f"log_format must be text or json, not {s.log_format!r}")
     if not 0 < s.port < 65536:

@@ -137,3 +137,5 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     chat_template: str | None = None  # path overriding the model's template
     cuda_graphs: bool = True
+    cpu_weights: str = "auto"  # CPU: "auto" (quantized C kernels) | "exact" (dense fp32 torch reference)
+    threads: int = 0  # CPU kernel threads (llama.cpp's -t); 0: the cores torch sees

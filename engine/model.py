@@ -17,7 +17,7 @@ from kernels import AttentionMetadata, Ops
 from kernels.reference import rope_cache
 
 from .config import ModelConfig
-from .loading.gguf import GGUFError, GGUFFile
+from .loading.gguf import GGUFError, GGUFFile, QuantTensor
 
 
 class StepInterrupted(Exception):
@@ -26,18 +26,24 @@ class StepInterrupted(Exception):
 
 @dataclass
 class LayerWeights:
+    """One layer's prepared weights. Q, K and V (and gate and up) are one matrix when their GGUF
+    types agree (rows concatenated at load: one matmul instead of three); otherwise separate."""
+
     attn_norm: Any
-    wq: Any
-    wk: Any
-    wv: Any
     wo: Any
     ffn_norm: Any
-    w_gate: Any
-    w_up: Any
     w_down: Any
+    wqkv: Any = None  # fused [q; k; v] rows, with bqkv
+    bqkv: Any = None
+    wq: Any = None
+    wk: Any = None
+    wv: Any = None
     bq: Any = None
     bk: Any = None
     bv: Any = None
+    w_gate_up: Any = None  # fused [gate; up] rows
+    w_gate: Any = None
+    w_up: Any = None
     q_norm: Any = None
     k_norm: Any = None
     post_attn_norm: Any = None
@@ -58,6 +64,37 @@ def _required_names(cfg: ModelConfig, layer: int) -> dict[str, str]:
     if cfg.post_norms:
         names |= {"post_attn_norm": p + "post_attention_norm.weight", "post_ffn_norm": p + "post_ffw_norm.weight"}
     return names
+
+
+def _fusable(gguf: GGUFFile, names: list[str]) -> bool:
+    infos = [gguf.tensors[n] for n in names]
+    return len({i.ggml_type for i in infos}) == 1 and len({i.shape[1:] for i in infos}) == 1
+
+
+def _concat(gguf: GGUFFile, names: list[str]) -> QuantTensor:
+    """The GGUF rows of several same-type tensors as one (each row is whole blocks)."""
+    parts = [gguf.tensor(n) for n in names]
+    n = sum(p.shape[0] for p in parts)
+    if len(parts[0].shape) == 1:  # biases: data is [1, bytes]
+        return QuantTensor("+".join(names), parts[0].ggml_type, (n,), torch.cat([p.data.reshape(-1) for p in parts])[None])
+    return QuantTensor("+".join(names), parts[0].ggml_type, (n, *parts[0].shape[1:]), torch.cat([p.data for p in parts]))
+
+
+def _layer_weights(gguf: GGUFFile, ops: Ops, names: dict[str, str]) -> LayerWeights:
+    w = {f: ops.prepare_weight(gguf.tensor(n)) for f, n in names.items()
+         if f not in ("wq", "wk", "wv", "bq", "bk", "bv", "w_gate", "w_up")}
+    qkv = [names["wq"], names["wk"], names["wv"]]
+    if _fusable(gguf, qkv):
+        w["wqkv"] = ops.prepare_weight(_concat(gguf, qkv))
+        if "bq" in names:
+            w["bqkv"] = ops.prepare_weight(_concat(gguf, [names["bq"], names["bk"], names["bv"]]))
+    else:
+        w |= {f: ops.prepare_weight(gguf.tensor(names[f])) for f in ("wq", "wk", "wv", "bq", "bk", "bv") if f in names}
+    if _fusable(gguf, [names["w_gate"], names["w_up"]]):
+        w["w_gate_up"] = ops.prepare_weight(_concat(gguf, [names["w_gate"], names["w_up"]]))
+    else:
+        w |= {f: ops.prepare_weight(gguf.tensor(names[f])) for f in ("w_gate", "w_up")}
+    return LayerWeights(**w)
 
 
 def check_tensors(gguf: GGUFFile, cfg: ModelConfig) -> None:
@@ -86,17 +123,14 @@ class Model:
     def from_gguf(cls, gguf: GGUFFile, cfg: ModelConfig, ops: Ops, max_positions: int) -> "Model":
         gguf.check_types()
         check_tensors(gguf, cfg)
-
-        def w(name: str) -> Any:
-            return ops.prepare_weight(gguf.tensor(name))
-
-        layers = [
-            LayerWeights(**{field: w(name) for field, name in _required_names(cfg, i).items()})
-            for i in range(cfg.n_layers)
-        ]
-        embed = w("token_embd.weight")
-        lm_head = embed if "output.weight" not in gguf.tensors else w("output.weight")
-        return cls(cfg, ops, embed, layers, w("output_norm.weight"), lm_head, max_positions)
+        layers = [_layer_weights(gguf, ops, _required_names(cfg, i)) for i in range(cfg.n_layers)]
+        if "output.weight" in gguf.tensors:  # untied: the embedding is only ever looked up
+            embed = ops.prepare_embedding(gguf.tensor("token_embd.weight"))
+            lm_head = ops.prepare_weight(gguf.tensor("output.weight"))
+        else:
+            embed = lm_head = ops.prepare_weight(gguf.tensor("token_embd.weight"))
+        return cls(cfg, ops, embed, layers, ops.prepare_weight(gguf.tensor("output_norm.weight")), lm_head,
+                   max_positions)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -125,10 +159,15 @@ class Model:
     def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
                    meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ops, cfg = self.ops, self.cfg
-        T = x.shape[0]
-        q = ops.linear(x, layer.wq, layer.bq).view(T, cfg.n_heads, cfg.head_dim)
-        k = ops.linear(x, layer.wk, layer.bk).view(T, cfg.n_kv_heads, cfg.head_dim)
-        v = ops.linear(x, layer.wv, layer.bv).view(T, cfg.n_kv_heads, cfg.head_dim)
+        T, nq, nkv = x.shape[0], cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        if layer.wqkv is not None:  # views of one output: rows strided, heads contiguous
+            q, k, v = ops.linear(x, layer.wqkv, layer.bqkv).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = (ops.linear(x, layer.wq, layer.bq), ops.linear(x, layer.wk, layer.bk),
+                       ops.linear(x, layer.wv, layer.bv))
+        q = q.view(T, cfg.n_heads, cfg.head_dim)
+        k = k.view(T, cfg.n_kv_heads, cfg.head_dim)
+        v = v.view(T, cfg.n_kv_heads, cfg.head_dim)
         if layer.q_norm is not None:
             q, _ = ops.rms_norm(q, layer.q_norm, cfg.rms_eps)
             k, _ = ops.rms_norm(k, layer.k_norm, cfg.rms_eps)
@@ -140,7 +179,10 @@ class Model:
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         ops = self.ops
-        gate, up = ops.linear(x, layer.w_gate), ops.linear(x, layer.w_up)
+        if layer.w_gate_up is not None:
+            gate, up = ops.linear(x, layer.w_gate_up).split(self.cfg.intermediate_size, dim=-1)
+        else:
+            gate, up = ops.linear(x, layer.w_gate), ops.linear(x, layer.w_up)
         act = ops.gelu_tanh_mul(gate, up) if self.cfg.activation == "gelu_tanh" else ops.silu_mul(gate, up)
         return ops.linear(act, layer.w_down)
 

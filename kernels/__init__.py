@@ -1,6 +1,9 @@
 """kernels: every tensor op the model calls, behind `backend(device)`.
 
-- "cpu"/"torch": torch reference ops (kernels/reference.py); weights dequantized once to dense fp32.
+- "cpu": llamatron's C kernels (kernels/cpu/): weights stay quantized, activations int8 in the
+  matmuls, everything else fp32; falls back to "torch" where the library cannot be built.
+- "torch": torch reference ops (kernels/reference.py); weights dequantized once to dense fp32
+  (`--cpu-weights exact`: the bit-level reference path).
 - "cuda": Triton kernels; weights stay in their GGUF blocks in VRAM (QuantTensor).
 - "triton": the Triton backend on whatever device the tensors live on (tests run it on CPU
   with TRITON_INTERPRET=1).
@@ -27,6 +30,7 @@ class Ops(Protocol):
     dtype: torch.dtype  # activation dtype
 
     def prepare_weight(self, qt: Any) -> Any: ...
+    def prepare_embedding(self, qt: Any) -> Any: ...  # a table that is only looked up (untied)
     def linear(self, x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor: ...
     def embedding(self, ids: torch.Tensor, w: Any) -> torch.Tensor: ...
     def rms_norm(
@@ -44,8 +48,18 @@ class Ops(Protocol):
     ) -> torch.Tensor: ...
 
 
-def backend(device: str | torch.device = "cpu") -> Ops:
+def backend(device: str | torch.device = "cpu", cpu_weights: str = "auto", threads: int = 0) -> Ops:
+    """`cpu_weights`: "auto" (quantized C kernels where they build) or "exact" (dense fp32);
+    `threads`: CPU kernel threads (0: torch's intra-op count, i.e. the cores)."""
     kind = device if isinstance(device, str) else device.type
+    if kind == "cpu" and cpu_weights == "auto":
+        from .cpu import build
+
+        if build.load() is not None:
+            from .cpu.ops import CpuOps
+
+            return CpuOps(threads)
+        kind = "torch"
     if kind in ("cpu", "torch"):
         from .torch_backend import TorchOps
 

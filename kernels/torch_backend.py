@@ -20,6 +20,9 @@ class TorchOps:
     def prepare_weight(self, qt: Any) -> torch.Tensor:
         return ref.dequantize(qt.data, qt.ggml_type, qt.shape, self.dtype)
 
+    def prepare_embedding(self, qt: Any) -> torch.Tensor:
+        return self.prepare_weight(qt)
+
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return ref.linear(x, w, bias)
 

@@ -28,6 +28,9 @@ class TritonOps:
             return ref_quant.dequantize(qt.data, qt.ggml_type, qt.shape, torch.float32).to(self.device)
         return qt.to(self.device)
 
+    def prepare_embedding(self, qt: Any) -> Any:
+        return self.prepare_weight(qt)
+
     def linear(self, x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         from .qmatmul import qmatmul
 

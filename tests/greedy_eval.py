@@ -49,10 +49,11 @@ class GreedyFigures:
                 f"prompt_len_mismatches={self.prompt_len_mismatches}")
 
 
-def load(path: Path, max_positions: int = 2048) -> tuple[Model, Tokenizer]:
+def load(path: Path, cpu_weights: str = "auto", max_positions: int = 2048) -> tuple[Model, Tokenizer]:
     g = GGUFFile(path)
     cfg = ModelConfig.from_gguf(g.metadata, set(g.tensors))
-    return Model.from_gguf(g, cfg, backend("cpu"), max_positions), Tokenizer.from_gguf_metadata(g.metadata)
+    ops = backend("cpu", cpu_weights)
+    return Model.from_gguf(g, cfg, ops, max_positions), Tokenizer.from_gguf_metadata(g.metadata)
 
 
 @torch.inference_mode()

@@ -15,7 +15,7 @@ import pytest
 from server_fixture import api_server  # noqa: F401
 
 S = {"type": "string", "maxLength": 40}  # a 135M model can ramble inside an unbounded string
-I = {"type": "integer"}
+I = {"type": "integer", "minimum": -10**9, "maximum": 10**9}  # ... or an unbounded number ("population": 32000...)
 B = {"type": "boolean"}
 
 

@@ -250,7 +250,7 @@ def _missing_kernels() -> list[str]:
 @pytest.mark.parametrize("weight_type", ["Q8_0", "Q4_1"])
 def test_triton_backend_runs_the_engine(tmp_path, weight_type: str) -> None:
     """Whole engine on the Triton ops (interpreter on CPU, compiled on CUDA, where the decode steps
-    also replay CUDA graphs) vs the torch backend: same greedy tokens, logprobs within tolerance
+    also replay CUDA graphs) vs the torch reference backend: same greedy tokens, logprobs within tolerance
     (fp32 in the interpreter: 1e-3; bf16 activations on a GPU: 0.1)."""
     import torch
 
@@ -262,8 +262,8 @@ def test_triton_backend_runs_the_engine(tmp_path, weight_type: str) -> None:
     ps = prompts(2, 5, 9, seed=8, vocab=1024)
     params = SamplingParams(temperature=0, max_tokens=3, logprobs=3, prompt_logprobs=3)
     results = {}
-    for dev in ("cpu", device):
-        cfg = EngineConfig(model=str(path), device=dev, max_model_len=64, max_num_seqs=2)
+    for dev in ("cpu", device):  # the reference: the dense fp32 torch ops
+        cfg = EngineConfig(model=str(path), device=dev, max_model_len=64, max_num_seqs=2, cpu_weights="exact")
         results[dev] = LLMEngine(cfg, load_model(cfg), num_blocks=16).generate(ps, params)
     for ref, got in zip(results["cpu"], results[device]):
         assert got.token_ids == ref.token_ids

@@ -62,7 +62,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     cfg.device = device
     cfg.max_model_len = resolve_max_len(cfg, mcfg, device)
-    ops = backend(device)
+    ops = backend(device, cfg.cpu_weights, cfg.threads)
     model = Model.from_gguf(gguf, mcfg, ops, cfg.max_model_len)
     dt = time.monotonic() - t0
     log.info("loaded %s (%s, %d layers) on %s in %.1f s", path.name, mcfg.arch, mcfg.n_layers, device, dt)

@@ -194,6 +194,8 @@ class Model:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (num_blocks, block_size, self.cfg.n_kv_heads, self.cfg.head_dim)
-        dev, dt = self.ops.device, self.ops.dtype
-        return [(torch.zeros(shape, dtype=dt, device=dev), torch.zeros(shape, dtype=dt, device=dev))
+        dev, dt = self.ops.device, self.ops.kv_dtype
+        # empty, not zeros: a slot is always written before it is read, and untouched pages of a large
+        # CPU pool stay out of the resident set (RSS grows with the KV actually used)
+        return [(torch.empty(shape, dtype=dt, device=dev), torch.empty(shape, dtype=dt, device=dev))
                 for _ in range(self.cfg.n_layers)]

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import torch
@@ -28,6 +29,7 @@ class Ops(Protocol):
     name: str
     device: torch.device
     dtype: torch.dtype  # activation dtype
+    kv_dtype: torch.dtype  # KV-cache storage (attention math is fp32 whatever it is)
 
     def prepare_weight(self, qt: Any) -> Any: ...
     def prepare_embedding(self, qt: Any) -> Any: ...  # a table that is only looked up (untied)
@@ -58,7 +60,10 @@ def backend(device: str | torch.device = "cpu", cpu_weights: str = "auto", threa
         if build.load() is not None:
             from .cpu.ops import CpuOps
 
-            return CpuOps(threads)
+            try:
+                return CpuOps(threads)
+            except RuntimeError as e:
+                logging.getLogger("llamatron.kernels").warning("%s: using the torch reference ops", e)
         kind = "torch"
     if kind in ("cpu", "torch"):
         from .torch_backend import TorchOps

@@ -20,6 +20,10 @@ class TorchOps:
     def prepare_weight(self, qt: Any) -> torch.Tensor:
         return ref.dequantize(qt.data, qt.ggml_type, qt.shape, self.dtype)
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.dtype
+
     def prepare_embedding(self, qt: Any) -> torch.Tensor:
         return self.prepare_weight(qt)
 

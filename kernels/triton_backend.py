@@ -28,6 +28,10 @@ class TritonOps:
             return ref_quant.dequantize(qt.data, qt.ggml_type, qt.shape, torch.float32).to(self.device)
         return qt.to(self.device)
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.dtype
+
     def prepare_embedding(self, qt: Any) -> Any:
         return self.prepare_weight(qt)
 

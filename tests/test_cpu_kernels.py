@@ -120,6 +120,19 @@ def test_threads_do_not_change_a_bit() -> None:
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("t", [L.Q4_1, L.Q8_0, L.Q6_K], ids=L.NAMES.get)
+def test_a_row_gives_the_same_bits_alone_or_in_a_batch(t) -> None:
+    """What makes batched greedy decoding equal solo decoding: no output depends on M."""
+    raw, shape = _weights(t, 41, 576 if t != L.Q6_K else 768)
+    ops = CpuOps(threads=2)
+    w = ops.prepare_weight(L_qt(raw, t, shape))
+    x = torch.randn(11, shape[1])
+    batch = ops.linear(x, w)
+    for i in range(11):
+        assert torch.equal(ops.linear(x[i:i + 1], w)[0], batch[i])
+    assert torch.equal(ops.linear(x[3:9], w), batch[3:9])
+
+
 def test_unsupported_matrices_stay_dense() -> None:
     ops = CpuOps()
     assert not supported(L.Q8_0, (4, 32)) and not supported(L.F16, (4, 64))
@@ -135,7 +148,8 @@ def _batch(q_lens: list[int], ctx_lens: list[int], nkv: int, hd: int, bs: int = 
     g = torch.Generator().manual_seed(seed)
     B = len(q_lens)
     nblocks = sum(math.ceil(L / bs) for L in ctx_lens) + 3
-    kc, vc = torch.randn(nblocks, bs, nkv, hd, generator=g), torch.randn(nblocks, bs, nkv, hd, generator=g)
+    kc = torch.randn(nblocks, bs, nkv, hd, generator=g).half()  # the CPU backend's KV cache is fp16
+    vc = torch.randn(nblocks, bs, nkv, hd, generator=g).half()
     perm = torch.randperm(nblocks, generator=g).tolist()
     width = max(math.ceil(L / bs) for L in ctx_lens)
     tables = torch.zeros(B, width, dtype=torch.int32)
@@ -154,11 +168,12 @@ def _batch(q_lens: list[int], ctx_lens: list[int], nkv: int, hd: int, bs: int = 
 ])
 @pytest.mark.parametrize("nh,nkv,hd", [(9, 3, 64), (4, 1, 256), (5, 5, 48), (14, 2, 64)])
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (32, 0.0), (0, 30.0)])
-def test_paged_attention_matches_reference(q_lens, ctx_lens, nh, nkv, hd, window, softcap) -> None:
+@pytest.mark.parametrize("march", ["native", "x86-64-v2"])
+def test_paged_attention_matches_reference(q_lens, ctx_lens, nh, nkv, hd, window, softcap, march) -> None:
     kc, vc, meta, g = _batch(q_lens, ctx_lens, nkv, hd)
     qkv = torch.randn(sum(q_lens), nh * hd + 7, generator=g)  # a strided view, as from a fused QKV
     q = qkv[:, 3:3 + nh * hd].view(-1, nh, hd)
-    ops = CpuOps(threads=2)
+    ops = CpuOps(threads=2, lib=build.load(march))
     got = ops.paged_attention(q, kc, vc, meta, hd ** -0.5, window, softcap)
     want = ref.paged_attention(q, kc, vc, meta, hd ** -0.5, window, softcap)
     assert torch.allclose(got, want, atol=2e-5, rtol=1e-4)
@@ -185,13 +200,26 @@ def test_small_ops_match_reference() -> None:
     gate, up = gu[:, :1536], gu[:, 1536:]
     assert torch.allclose(ops.silu_mul(gate, up), ref.silu_mul(gate, up), atol=1e-5)
     assert torch.allclose(ops.gelu_tanh_mul(gate, up), ref.gelu_tanh_mul(gate, up), atol=1e-5)
-    kv = torch.randn(6, 2 * 3 * 64, generator=g)
+
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64-v2"])
+def test_kv_store_rounds_to_fp16_like_torch(march) -> None:
+    """fp16 caches, rounded to nearest even (the F16C instructions and the portable code alike),
+    subnormals, overflow to infinity and NaN included."""
+    ops = CpuOps(threads=1, lib=build.load(march))
+    g = torch.Generator().manual_seed(2)
+    kv = torch.randn(6, 2 * 3 * 64, generator=g) * torch.logspace(-9, 5, 384)
+    kv[0, :6] = torch.tensor([0.0, -0.0, 65504.0, 65520.0, float("inf"), float("nan")])
+    kv[1, :4] = torch.tensor([5.96e-8, 2.98e-8, 8.9e-8, -6.1e-5])  # around the smallest subnormal
     k, v = kv[:, :192].view(6, 3, 64), kv[:, 192:].view(6, 3, 64)
     slots = torch.tensor([5, -1, 0, 17, 30, 2])
-    caches = [torch.zeros(2, 16, 3, 64) for _ in range(4)]
+    caches = [torch.zeros(2, 16, 3, 64, dtype=torch.float16) for _ in range(4)]
     ops.store_kv(k, v, caches[0], caches[1], slots)
     ref.store_kv(k, v, caches[2], caches[3], slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    for a, b in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(a.view(torch.int16)[~b.isnan()], b.view(torch.int16)[~b.isnan()])
+        assert torch.equal(a.isnan(), b.isnan())
 
 
 def test_backend_falls_back_to_torch_without_a_compiler(monkeypatch) -> None:

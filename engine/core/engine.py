@@ -136,7 +136,7 @@ class LLMEngine:
             budget = int(free * cfg.gpu_memory_fraction)
         else:
             budget = int(cfg.kv_cache_gib * 2**30)
-        per_token = self.model_config.kv_bytes_per_token(self.loaded.ops.dtype.itemsize)
+        per_token = self.model_config.kv_bytes_per_token(self.loaded.ops.kv_dtype.itemsize)
         # more than every slot at full context is never used
         cap = -(-cfg.max_model_len * cfg.max_num_seqs // cfg.block_size)
         n = min(num_blocks_for_budget(budget, cfg.block_size, per_token), cap)

@@ -3,7 +3,8 @@
 Matrices become PackedWeight planes at load (kernels/cpu/pack.py) and run through the int8-activation
 kernel; norms, RoPE, KV stores, attention over the paged cache and the gated activation are one C
 call each, all on one thread pool sized by `threads`. Activations, norms, attention and logits are
-fp32. Weights of a type the kernels do not take (F16/F32 matrices) stay dense fp32 for torch.
+fp32, the KV cache fp16. Weights of a type the kernels do not take (F16/F32 matrices) stay dense
+fp32 for torch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class CpuOps:
             raise RuntimeError("the CPU kernel library is not available")
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        self.kv_dtype = torch.float16  # as llama.cpp: half the bytes attention reads per token
         self.threads = self.lib.lt_set_threads(threads or torch.get_num_threads())
         # This backend owns the cores: torch's remaining ops in a step (sampling, gathers) are small,
         # and its intra-op workers spinning after them would take the cores from the kernels' pool
@@ -40,6 +42,22 @@ class CpuOps:
         torch.set_num_threads(1)
         # the C calls of a step, looked up once (attribute access on a CDLL costs a dict lookup each)
         self._linear, self._rms_norm, self._attention = self.lib.lt_linear, self.lib.lt_rms_norm, self.lib.lt_paged_attention
+        self._self_test()
+
+    def _self_test(self) -> None:
+        """One small matmul per storage kind against the fp32 reference: a library the compiler got
+        wrong on an unusual host must not serve garbage (the caller falls back to torch)."""
+        from types import SimpleNamespace
+
+        g = torch.Generator().manual_seed(0)
+        for t in (L.Q4_1, L.Q8_0, L.Q6_K):
+            raw = L.random_blocks(t, 16, 256, g)
+            w = self.prepare_weight(SimpleNamespace(data=raw, ggml_type=t, shape=(16, 256)))
+            x = torch.randn(3, 256, generator=g)
+            want = x @ ref.dequantize(raw, t, (16, 256)).T
+            err = ((self.linear(x, w) - want).norm() / want.norm()).item()
+            if not err < 0.03:  # int8 activations: ~0.005
+                raise RuntimeError(f"CPU kernel self-test failed for {L.NAMES[t]} (relative error {err:.3g})")
 
     # ---- weights -------------------------------------------------------------------------
     def prepare_weight(self, qt: Any) -> Any:

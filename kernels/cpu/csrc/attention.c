@@ -1,6 +1,6 @@
-/* Paged attention over the KV cache in place, fp32: prefill, decode and mixed batches.
+/* Paged attention over the fp16 KV cache in place, fp32 math: prefill, decode and mixed batches.
  *
- * q [T, nh, hd] (row stride ldq floats), caches [num_blocks, block_size, nkv, hd], block tables
+ * q [T, nh, hd] (row stride ldq floats), fp16 caches [num_blocks, block_size, nkv, hd], block tables
  * int32 [B, W], seq_lens int32 [B] (keys per sequence, new ones included), cu_seqlens_q int32
  * [B + 1]; out [T, nh, hd] contiguous. The query at position p of a sequence sees keys j <= p
  * (and p - j < window when window > 0). Grid: units of (sequence, KV head, up to 16 query rows)
@@ -20,7 +20,8 @@
 #define ROWS 16   /* query rows per unit */
 
 typedef struct {
-    const float *q, *kc, *vc;
+    const float *q;
+    const uint16_t *kc, *vc; /* fp16 */
     const int32_t *tables, *lens, *cu;
     float *out;
     int64_t ldq, nh, nkv, hd, bs, width, B;
@@ -47,29 +48,18 @@ static inline __m512 exp512(__m512 x) {
 }
 #endif
 
-static float dot(const float *a, const float *b, int64_t n) {
 #ifdef LT_AVX512
-    if (n % 16 == 0) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-        return _mm512_reduce_add_ps(acc);
-    }
+static inline __m512 load_h(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 #endif
+
+static float dot(const float *a, const uint16_t *b, int64_t n) {
     float s = 0.f;
-    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    for (int64_t i = 0; i < n; i++) s += a[i] * lt_f16_to_f32(b[i]);
     return s;
 }
 
-static void axpy(float *y, float a, const float *x, int64_t n) {
-#ifdef LT_AVX512
-    if (n % 16 == 0) {
-        const __m512 va = _mm512_set1_ps(a);
-        for (int64_t i = 0; i < n; i += 16)
-            _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-        return;
-    }
-#endif
-    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+static void axpy(float *y, float a, const uint16_t *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * lt_f16_to_f32(x[i]);
 }
 
 /* In place: s[0..n) -> exp(s - max), returns the sum. */
@@ -113,14 +103,14 @@ static inline __m512 reduce16(const __m512 *v) {
 #endif
 
 /* scores[j] = q . k_j * scale for the n keys at kp[0..n) (n <= 16). */
-static void score16(const float *q, const float *const *kp, int n, int64_t hd, float scale, float *scores) {
+static void score16(const float *q, const uint16_t *const *kp, int n, int64_t hd, float scale, float *scores) {
 #ifdef LT_AVX512
     if (hd % 16 == 0) {
         __m512 acc[16];
         for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
         for (int64_t d = 0; d < hd; d += 16) {
             const __m512 qv = _mm512_loadu_ps(q + d);
-            for (int i = 0; i < n; i++) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kp[i] + d), acc[i]);
+            for (int i = 0; i < n; i++) acc[i] = _mm512_fmadd_ps(qv, load_h(kp[i] + d), acc[i]);
         }
         const __m512 s = _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale));
         _mm512_mask_storeu_ps(scores, (__mmask16)((1u << n) - 1), s);
@@ -140,12 +130,12 @@ static void weighted_values(const attn_args *a, const int32_t *table, int64_t h,
         for (int64_t d0 = 0; d0 < hd; d0 += 64) {
             __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
             for (int64_t j = j0; j <= p; j++) {
-                const float *v = VPTR(j) + d0;
+                const uint16_t *v = VPTR(j) + d0;
                 const __m512 w = _mm512_set1_ps(pw[j - j0]);
-                c0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v), c0);
-                c1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16), c1);
-                c2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 32), c2);
-                c3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 48), c3);
+                c0 = _mm512_fmadd_ps(w, load_h(v), c0);
+                c1 = _mm512_fmadd_ps(w, load_h(v + 16), c1);
+                c2 = _mm512_fmadd_ps(w, load_h(v + 32), c2);
+                c3 = _mm512_fmadd_ps(w, load_h(v + 48), c3);
             }
             const __m512 vi = _mm512_set1_ps(inv);
             _mm512_storeu_ps(o + d0, _mm512_mul_ps(c0, vi));
@@ -174,7 +164,7 @@ static void attn_unit(const attn_args *a, int64_t u, float *scores) {
         const float *qrow = a->q + (qs + r) * a->ldq + h * group * hd;
         for (int64_t jb = j0; jb <= p; jb += 16) {
             const int nk = p + 1 - jb < 16 ? (int)(p + 1 - jb) : 16;
-            const float *kp[16];
+            const uint16_t *kp[16];
             for (int i = 0; i < nk; i++) {
                 const int64_t j = jb + i;
                 kp[i] = a->kc + ((int64_t)table[j / a->bs] * a->bs + j % a->bs) * tok_stride + h * hd;
@@ -211,7 +201,7 @@ static void attn_task(void *ctx, int64_t u0, int64_t u1) {
 static _Thread_local int64_t *tls_units;
 static _Thread_local int64_t tls_units_n;
 
-int lt_paged_attention(const float *q, const float *kc, const float *vc, const int32_t *tables, const int32_t *lens,
+int lt_paged_attention(const float *q, const uint16_t *kc, const uint16_t *vc, const int32_t *tables, const int32_t *lens,
                        const int32_t *cu, float *out, int64_t ldq, int64_t nh, int64_t nkv, int64_t hd, int64_t bs,
                        int64_t width, int64_t B, float scale, int64_t window, float softcap) {
     int64_t nu = 0;

@@ -8,6 +8,7 @@
  *   weights "q8": qs uint8 [N, K] unsigned quants; scales d, m per G (16 or 32) weights.
  *   Every weight is d * u + m for its unsigned quant u (signed GGUF quants carry their offset in m).
  *   d and m are fp32 [N, K/G] or fp16 (`f16` set) where the GGUF values are fp16 already.
+ *   KV cache: fp16 [num_blocks, block_size, nkv, hd]; attention math is fp32.
  */
 #pragma once
 #include <stdint.h>
@@ -21,3 +22,4 @@ int lt_set_threads(int n);
 int lt_get_threads(void);
 
 float lt_f16_to_f32(uint16_t h);
+uint16_t lt_f32_to_f16(float f); /* round to nearest even, as the F16C instructions */

@@ -6,6 +6,9 @@
 #include "common.h"
 #include <math.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define PAR_ROWS 16 /* rows per pool chunk (small ops: a decode step of a few rows runs inline) */
 
@@ -70,13 +73,22 @@ void lt_rope(float *q, float *k, const float *cos_sin, const int64_t *positions,
     lt_parallel_for(T, PAR_ROWS, rope_task, &a);
 }
 
-/* ---- KV store: cache row slots[t] <- k[t], v[t]; slot -1 is padding -------------------------- */
-void lt_store_kv(const float *k, const float *v, float *kc, float *vc, const int64_t *slots, int64_t T,
+/* ---- KV store: fp16 cache row slots[t] <- k[t], v[t] (rounded to nearest); slot -1 is padding -- */
+static void to_f16(uint16_t *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) dst[i] = lt_f32_to_f16(src[i]);
+}
+
+void lt_store_kv(const float *k, const float *v, uint16_t *kc, uint16_t *vc, const int64_t *slots, int64_t T,
                  int64_t ldk, int64_t ldv, int64_t width) {
     for (int64_t t = 0; t < T; t++) {
         if (slots[t] < 0) continue;
-        memcpy(kc + slots[t] * width, k + t * ldk, width * sizeof(float));
-        memcpy(vc + slots[t] * width, v + t * ldv, width * sizeof(float));
+        to_f16(kc + slots[t] * width, k + t * ldk, width);
+        to_f16(vc + slots[t] * width, v + t * ldv, width);
     }
 }
 

@@ -126,3 +126,22 @@ float lt_f16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } v = {bits};
     return v.f;
 }
+
+uint16_t lt_f32_to_f16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    const uint32_t x = v.u, sign = (x >> 16) & 0x8000;
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0)); /* inf / nan */
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00);                                  /* overflow */
+    if (ax < 0x38800000u) { /* subnormal or zero: value / 2^-24, rounded to nearest even */
+        union { uint32_t u; float f; } a = {ax};
+        const float s = a.f * 16777216.f;
+        int32_t q = (int32_t)s;
+        const float r = s - (float)q;
+        if (r > 0.5f || (r == 0.5f && (q & 1))) q++;
+        return (uint16_t)(sign | (uint32_t)q);
+    }
+    uint32_t m = ax + 0xc8000000u; /* rebias the exponent: (e - 127 + 15) << 23 */
+    m += 0xfff + ((m >> 13) & 1);  /* round to nearest even on the 13 dropped bits */
+    return (uint16_t)(sign | (m >> 13));
+}

@@ -36,7 +36,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from engine.core.engine import LLMEngine
     from engine.core.sampling import SamplingParams
 
-    cfg = EngineConfig(model=args.model, device=args.device, max_num_seqs=1, chat_template=args.chat_template)
+    cfg = EngineConfig(model=args.model, device=args.device, max_num_seqs=1, chat_template=args.chat_template,
+                       cpu_weights=args.cpu_weights, threads=args.threads)
     if args.ctx_size:
         cfg.max_model_len = args.ctx_size
     engine = LLMEngine(cfg)
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat-template", default=None, help="file overriding the model's template")
     g.add_argument("-c", "--ctx-size", type=int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--cpu-weights", default="auto", choices=["auto", "exact"])
+    g.add_argument("-t", "--threads", type=int, default=0, help="CPU kernel threads (0: all cores)")
     g.set_defaults(func=_cmd_generate)
 
     pl = sub.add_parser("pull", help="download and verify a registry model")

@@ -123,7 +123,10 @@ class Model:
     def from_gguf(cls, gguf: GGUFFile, cfg: ModelConfig, ops: Ops, max_positions: int) -> "Model":
         gguf.check_types()
         check_tensors(gguf, cfg)
-        layers = [_layer_weights(gguf, ops, _required_names(cfg, i)) for i in range(cfg.n_layers)]
+        layers = []
+        for i in range(cfg.n_layers):
+            layers.append(_layer_weights(gguf, ops, _required_names(cfg, i)))
+            gguf.release_pages()  # the file's pages read so far: peak RSS holds one layer of them, not the file
         if "output.weight" in gguf.tensors:  # untied: the embedding is only ever looked up
             embed = ops.prepare_embedding(gguf.tensor("token_embd.weight"))
             lm_head = ops.prepare_weight(gguf.tensor("output.weight"))

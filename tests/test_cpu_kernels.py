@@ -44,7 +44,7 @@ def test_packed_planes_are_exactly_the_reference_weights(t, shape) -> None:
     assert torch.equal(got, want)
     ids = torch.tensor([shape[0] - 1, 0, shape[0] // 2])
     assert torch.equal(unpack_rows(w, ids), want[ids])
-    assert w.bits == FORMATS[t][1] and w.group == FORMATS[t][2]
+    assert w.kind == FORMATS[t][1] and w.group == FORMATS[t][2] and (w.m is None) == bool(FORMATS[t][4])
 
 
 def _quantize_ref(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -76,12 +76,14 @@ def _exact(w, q: torch.Tensor, d: torch.Tensor, s32: torch.Tensor, s16: torch.Te
     """What the kernel computes, in float64: sum_g d_g dx_g (u . q)_g + m_g sx_g."""
     N, K = w.shape
     G = w.group
-    u = unpack(type(w)(w.qs, torch.ones_like(w.d, dtype=torch.float32), torch.zeros_like(w.m, dtype=torch.float32),
-                       w.bits, G, w.shape)).double()
+    ones = torch.ones(w.d.shape)
+    u = unpack(type(w)(w.qs, w.hb, ones, torch.zeros_like(ones), 0.0, w.kind, G, w.shape)).double()
     dots = (u.view(N, K // G, G)[None] * q.double().view(q.shape[0], 1, K // G, G)).sum(-1)  # [M, N, groups]
     dxg = d.double().repeat_interleave(G // 32, dim=1) if G == 32 else d.double().repeat_interleave(2, dim=1)
     sx = (s32 if G == 32 else s16).double()
-    return (dots * w.d.double()[None] * dxg[:, None]).sum(-1) + sx @ w.m.double().T
+    wd = w.d[:N].double()
+    wm = w.m[:N].double() if w.m is not None else w.offset * wd
+    return (dots * wd[None] * dxg[:, None]).sum(-1) + sx @ wm.T
 
 
 @pytest.mark.parametrize("t", TYPES, ids=L.NAMES.get)

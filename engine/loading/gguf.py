@@ -197,6 +197,14 @@ class GGUFFile:
                 f"supported: {', '.join(n for n, _, _ in GGML_TYPES.values())}"
             )
 
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident set (MADV_DONTNEED): after loading,
+        backends that copied or repacked the weights never read them again, yet every page read
+        while loading would otherwise stay counted in RSS (the whole file). Views still in use
+        (an embedding looked up from the file) simply fault their pages back in on access."""
+        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def _buffer(self) -> mmap.mmap:
         if self._mm is None:
             with open(self.path, "rb") as f:

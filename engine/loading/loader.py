@@ -64,6 +64,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     cfg.max_model_len = resolve_max_len(cfg, mcfg, device)
     ops = backend(device, cfg.cpu_weights, cfg.threads)
     model = Model.from_gguf(gguf, mcfg, ops, cfg.max_model_len)
+    gguf.release_pages()
     dt = time.monotonic() - t0
     log.info("loaded %s (%s, %d layers) on %s in %.1f s", path.name, mcfg.arch, mcfg.n_layers, device, dt)
     return LoadedModel(path, mcfg, model, tokenizer, template, ops, dt)

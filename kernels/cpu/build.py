@@ -32,7 +32,7 @@ SIGNATURES = {
     "lt_has_vnni": ([], _i),
     "lt_quantize_rows": ([_p, _i64, _i64, _i64, _p, _p, _p, _p], None),
     "lt_linear": ([_p, _i64, _i64, _p, _p, _p], _i),
-    "lt_qgemm": ([_p, _p, _p, _i, _i, _i, _i64, _i64, _p, _p, _p, _p, _i64, _p, _p], None),
+    "lt_qgemm": ([_p, _p, _p, _p, _p, _i64, _p, _p], None),
     "lt_paged_attention": ([_p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f, _i64, _f],
                            _i),
     "lt_store_kv": ([_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64], None),

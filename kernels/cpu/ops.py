@@ -10,6 +10,7 @@ fp32 for torch.
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Any
 
 import torch
@@ -25,6 +26,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (taskset / cgroup affinity included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class CpuOps:
     name = "cpu"
 
@@ -35,13 +44,14 @@ class CpuOps:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.kv_dtype = torch.float16  # as llama.cpp: half the bytes attention reads per token
-        self.threads = self.lib.lt_set_threads(threads or torch.get_num_threads())
+        self.threads = self.lib.lt_set_threads(threads or usable_cores())
         # This backend owns the cores: torch's remaining ops in a step (sampling, gathers) are small,
         # and its intra-op workers spinning after them would take the cores from the kernels' pool
         # (measured: 2 threads each made batch-1 decode 40% slower than one torch thread).
         torch.set_num_threads(1)
         # the C calls of a step, looked up once (attribute access on a CDLL costs a dict lookup each)
-        self._linear, self._rms_norm, self._attention = self.lib.lt_linear, self.lib.lt_rms_norm, self.lib.lt_paged_attention
+        lib = self.lib
+        self._linear, self._rms_norm, self._attention = lib.lt_linear, lib.lt_rms_norm, lib.lt_paged_attention
         self._self_test()
 
     def _self_test(self) -> None:

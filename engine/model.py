@@ -74,10 +74,10 @@ def _fusable(gguf: GGUFFile, names: list[str]) -> bool:
 def _concat(gguf: GGUFFile, names: list[str]) -> QuantTensor:
     """The GGUF rows of several same-type tensors as one (each row is whole blocks)."""
     parts = [gguf.tensor(n) for n in names]
-    n = sum(p.shape[0] for p in parts)
+    n, name, kind = sum(p.shape[0] for p in parts), "+".join(names), parts[0].ggml_type
     if len(parts[0].shape) == 1:  # biases: data is [1, bytes]
-        return QuantTensor("+".join(names), parts[0].ggml_type, (n,), torch.cat([p.data.reshape(-1) for p in parts])[None])
-    return QuantTensor("+".join(names), parts[0].ggml_type, (n, *parts[0].shape[1:]), torch.cat([p.data for p in parts]))
+        return QuantTensor(name, kind, (n,), torch.cat([p.data.reshape(-1) for p in parts])[None])
+    return QuantTensor(name, kind, (n, *parts[0].shape[1:]), torch.cat([p.data for p in parts]))
 
 
 def _layer_weights(gguf: GGUFFile, ops: Ops, names: dict[str, str]) -> LayerWeights:

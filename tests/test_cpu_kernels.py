@@ -149,14 +149,14 @@ def test_unsupported_matrices_stay_dense() -> None:
 def _batch(q_lens: list[int], ctx_lens: list[int], nkv: int, hd: int, bs: int = 16, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     B = len(q_lens)
-    nblocks = sum(math.ceil(L / bs) for L in ctx_lens) + 3
+    nblocks = sum(math.ceil(n / bs) for n in ctx_lens) + 3
     kc = torch.randn(nblocks, bs, nkv, hd, generator=g).half()  # the CPU backend's KV cache is fp16
     vc = torch.randn(nblocks, bs, nkv, hd, generator=g).half()
     perm = torch.randperm(nblocks, generator=g).tolist()
-    width = max(math.ceil(L / bs) for L in ctx_lens)
+    width = max(math.ceil(n / bs) for n in ctx_lens)
     tables = torch.zeros(B, width, dtype=torch.int32)
-    for b, L in enumerate(ctx_lens):
-        n = math.ceil(L / bs)
+    for b, ctx in enumerate(ctx_lens):
+        n = math.ceil(ctx / bs)
         tables[b, :n] = torch.tensor(perm[:n], dtype=torch.int32)
         perm = perm[n:]
     cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)

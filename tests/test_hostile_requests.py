@@ -17,6 +17,7 @@ import time
 
 import httpx
 
+from hostile_inputs import gbnf_chain, nested_schema
 from serve_process import serve_process
 
 # a template whose macro doubles its work per level: 2^40 calls unless the render budget stops it;
@@ -40,17 +41,6 @@ with httpx.Client(base_url=sys.argv[1], timeout=10) as c:
 TEMPLATE_BUDGET = 1.0
 
 
-def _gbnf_chain(n: int) -> str:
-    return "root ::= r0\n" + "".join(f'r{i} ::= "a" r{i + 1}\n' for i in range(n)) + f'r{n} ::= "b"\n'
-
-
-def _nested(levels: int) -> dict:
-    d: dict = {"type": "object"}
-    for _ in range(levels):
-        d = {"type": "object", "properties": {"a": d}}
-    return d
-
-
 def _cases() -> list[tuple[str, str, bytes, int, str | None, float]]:
     """(name, path, body, status, the param its error must name, seconds it may take)."""
     enum = [[i, str(i), {"k": i}, [i], i + 0.5][i % 5] for i in range(4000)]
@@ -61,10 +51,10 @@ def _cases() -> list[tuple[str, str, bytes, int, str | None, float]]:
                {"role": "tool", "tool_call_id": "1", "content": "r"}]
     rf = lambda schema: {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}  # noqa: E731
     chat = [
-        ("gbnf 20,000 rules", {"messages": MSGS, "grammar": _gbnf_chain(20_000)}, "grammar", 2.0),
-        ("gbnf 2,500 rules", {"messages": MSGS, "grammar": _gbnf_chain(2_500)}, "grammar", 2.0),
+        ("gbnf 20,000 rules", {"messages": MSGS, "grammar": gbnf_chain(20_000)}, "grammar", 2.0),
+        ("gbnf 2,500 rules", {"messages": MSGS, "grammar": gbnf_chain(2_500)}, "grammar", 2.0),
         ("draft-04 enum of 4,000", {"messages": MSGS, "response_format": rf(draft4)}, "response_format", 2.0),
-        ("schema nested 200 deep", {"messages": MSGS, "response_format": rf(_nested(200))}, "response_format", 2.0),
+        ("schema nested 200 deep", {"messages": MSGS, "response_format": rf(nested_schema(200))}, "response_format", 2.0),
         ("json_schema string 50k deep", {"messages": MSGS, "json_schema": "[" * 50_000 + "]" * 50_000},
          "json_schema", 2.0),
         ("self-recursive $ref", {"messages": MSGS, "max_tokens": 4, "response_format": rf(

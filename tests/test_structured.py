@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from engine.constrained import structured as S
+from hostile_inputs import gbnf_chain, nested_schema
 from engine.constrained.grammar_mask import fill_masks
 from grammar_walk import load, walk
 
@@ -267,25 +268,14 @@ def test_open_schema_gets_no_invented_keys(smol):
     assert opened.matcher.try_consume_tokens(ids) == len(ids)
 
 
-def _gbnf_chain(n: int) -> str:
-    return "root ::= r0\n" + "".join(f'r{i} ::= "a" r{i + 1}\n' for i in range(n)) + f'r{n} ::= "b"\n'
-
-
-def _nested(levels: int) -> dict:
-    d: dict = {"type": "object"}
-    for _ in range(levels):
-        d = {"type": "object", "properties": {"a": d}}
-    return d
-
-
 @pytest.mark.parametrize("build,param", [
     # each of these took seconds to minutes (GBNF conversion and draft-04 enum checks are quadratic)
     # or raised RecursionError (a 500) before the limits; now a GrammarError before the work
-    (lambda: S.gbnf(_gbnf_chain(1500)), "grammar"),
+    (lambda: S.gbnf(gbnf_chain(1500)), "grammar"),
     (lambda: S.gbnf("root ::= " + " ".join(['"a"'] * 40_000)), "grammar"),
     (lambda: S.json_schema({"$schema": "http://json-schema.org/draft-04/schema#",
                             "enum": [[i, str(i), {"k": i}][i % 3] for i in range(1500)]}), "response_format"),
-    (lambda: S.json_schema(_nested(200), param="json_schema"), "json_schema"),
+    (lambda: S.json_schema(nested_schema(200), param="json_schema"), "json_schema"),
     (lambda: S.json_schema("[" * 50_000 + "]" * 50_000, param="json_schema"), "json_schema"),
     (lambda: S.json_schema("[" * 5_000 + "]" * 5_000, param="json_schema"), "json_schema"),
     (lambda: S.json_schema({"type": "object", "description": "x" * 70_000}), "response_format"),
@@ -298,8 +288,8 @@ def test_grammar_limits_fail_fast(build, param) -> None:
 
 
 def test_grammar_limits_admit_real_grammars() -> None:
-    S.gbnf(_gbnf_chain(900))
-    S.json_schema(_nested(30))
+    S.gbnf(gbnf_chain(900))
+    S.json_schema(nested_schema(30))
     S.json_schema({"enum": list(range(1000))})
 
 

@@ -120,8 +120,8 @@ class LLMEngine:
         self.kv_capacity_tokens = num_blocks * bs
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
         long_prefill = config.long_prefill_tokens or LONG_PREFILL_DEFAULT.get(loaded.ops.device.type, 256)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
-                                   long_prefill)
+        budget = max(config.max_num_batched_tokens, config.max_num_seqs)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, long_prefill)
         eog = set(getattr(self.tokenizer, "eog_ids", ()) or ())
         self.runner = ModelRunner(loaded.model, num_blocks, bs, config.max_model_len, config.max_num_seqs,
                                   Sampler(mcfg.vocab_size, eog), config.cuda_graphs)

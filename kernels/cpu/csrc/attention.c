@@ -85,23 +85,6 @@ static float softmax_exp(float *s, int64_t n) {
     return sum;
 }
 
-#ifdef LT_AVX512
-/* v[i] -> lane i of the result is the sum of v[i]'s 16 lanes (a transpose-and-add tree). */
-static inline __m512 reduce16(const __m512 *v) {
-    __m512 t[8], u[4], w[2];
-    for (int i = 0; i < 8; i++)
-        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++) {
-        const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
-        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-    }
-    for (int i = 0; i < 2; i++)
-        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
-}
-#endif
-
 /* scores[j] = q . k_j * scale for the n keys at kp[0..n) (n <= 16). */
 static void score16(const float *q, const uint16_t *const *kp, int n, int64_t hd, float scale, float *scores) {
 #ifdef LT_AVX512
@@ -112,7 +95,7 @@ static void score16(const float *q, const uint16_t *const *kp, int n, int64_t hd
             const __m512 qv = _mm512_loadu_ps(q + d);
             for (int i = 0; i < n; i++) acc[i] = _mm512_fmadd_ps(qv, load_h(kp[i] + d), acc[i]);
         }
-        const __m512 s = _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale));
+        const __m512 s = _mm512_mul_ps(lt_reduce16(acc), _mm512_set1_ps(scale));
         _mm512_mask_storeu_ps(scores, (__mmask16)((1u << n) - 1), s);
         return;
     }

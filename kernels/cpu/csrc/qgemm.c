@@ -299,21 +299,6 @@ ALL(DEFINE)
 #define ENTRY(L, F, S, M) rows_##L##_##F##_##S##_##M,
 static const rows_fn ROW_FNS[4 * 4 * 8] = {ALL(ENTRY)};
 
-/* v[i] -> lane i of the result is the sum of v[i]'s 16 lanes (a transpose-and-add tree: ~3
- * instructions per row instead of ~8 for one reduction each). */
-static inline __m512 reduce16(const __m512 *v) {
-    __m512 t[8], u[4], w[2];
-    for (int i = 0; i < 8; i++)
-        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++) {
-        const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
-        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-    }
-    for (int i = 0; i < 2; i++)
-        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
-}
 
 static void gemm_task(void *ctx, int64_t n0, int64_t n1) {
     const gemm_args *a = ctx;
@@ -332,7 +317,7 @@ static void gemm_task(void *ctx, int64_t n0, int64_t n1) {
             if (k < 16 && n + 2 < n1) continue;
             for (int j = 0; j < mt; j++) {
                 float s[16];
-                _mm512_storeu_ps(s, reduce16(pending[j]));
+                _mm512_storeu_ps(s, lt_reduce16(pending[j]));
                 float *y = a->y + (m0 + j) * w->N;
                 for (int i = 0; i < k && first + i < w->N; i++)
                     y[first + i] = s[i] + (a->bias ? a->bias[first + i] : 0.f);

@@ -96,8 +96,11 @@ def test_matmul_matches_its_integer_arithmetic(t, M, march) -> None:
     ops = CpuOps(threads=2, lib=lib)
     raw, shape = _weights(t, 13, 640 if t != L.Q4_1 else 576, seed=M)  # 13 rows: an odd row at the end
     w = ops.prepare_weight(L_qt(raw, t, shape))
-    x = torch.randn(M, shape[1])
-    bias = torch.randn(shape[0])
+    # Seeded: with 13 outputs the relative error below has a long tail (Q4_K at M=1: median 0.5%,
+    # 1 draw in 100 above 2%), so an unseeded draw made the bound a coin toss in CI.
+    g = torch.Generator().manual_seed(1000 * M + t)
+    x = torch.randn(M, shape[1], generator=g)
+    bias = torch.randn(shape[0], generator=g)
     y = ops.linear(x, w, bias)
     want = _exact(w, *_quantize_ref(x)) + bias.double()
     assert torch.allclose(y.double(), want, rtol=2e-5, atol=2e-5 * want.abs().max().item())

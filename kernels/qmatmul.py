@@ -11,6 +11,8 @@ a scale innermost, contiguous bytes); accumulation is fp32.
   weights and scaled once, so the per-weight work is unpack, convert, multiply-add. With
   SPLIT > 1 each split writes fp32 partials [SPLIT, M, N] and `_reduce_kernel` sums them in a
   fixed order (one writer per element, deterministic).
+- An optional bias [N] (fp32) is added to the fp32 accumulator in the epilogue (the reduce's, with
+  split-K): no separate cast and add kernels after the matmul.
 - Tiled (M > 16, prefill): grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped along M for L2
   reuse; each K step dequantizes a [BLOCK_K, BLOCK_N] weight tile to x's dtype and calls tl.dot.
 Configs come from `choose()` (a table keyed by M bucket, N, K, type and compute capability).
@@ -31,8 +33,9 @@ from .dequant import decode_sub, dequant_sub, weight_view
 
 @triton.jit
 def gemv_kernel(
-    x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om, k_per_split,
+    x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_os, stride_om, k_per_split, b_ptr,
     TYPE: tl.constexpr, SUB: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = NSUB * SUB
     pid_n = tl.program_id(0)
@@ -66,26 +69,31 @@ def gemv_kernel(
             elif TYPE == 10 or TYPE == 12 or TYPE == 13:  # w = a * q - c
                 xs = tl.sum(x, axis=2)
                 acc -= tl.sum(xs[:, None, :] * tl.reshape(c, (BLOCK_N, NSUB))[None, :, :], axis=2)
+    if HAS_BIAS:  # only without split-K (the reduce adds it otherwise): added once, in fp32
+        acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_s.to(tl.int64) * stride_os + m[:, None].to(tl.int64) * stride_om + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & n_mask[None, :])
 
 
 @triton.jit
-def _reduce_kernel(p_ptr, out_ptr, numel, split, BLOCK: tl.constexpr):
-    """out[i] = sum over s of partial[s, i] (partials contiguous [split, numel]), in order of s."""
+def _reduce_kernel(p_ptr, out_ptr, numel, split, b_ptr, N, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[i] = sum over s of partial[s, i] (partials contiguous [split, numel]), in order of s,
+    plus bias[i % N]."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < numel
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(split):
         acc += tl.load(p_ptr + s * numel + i, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def mm_kernel(
-    x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, b_ptr,
     TYPE: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NSUB: tl.constexpr, GROUP_M: tl.constexpr,
+    NSUB: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = NSUB * SUB
     pid = tl.program_id(0)
@@ -118,6 +126,8 @@ def mm_kernel(
             acc = tl.dot(x, w, acc, input_precision="tf32")
         else:
             acc = tl.dot(x, w.to(x_ptr.dtype.element_ty), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + m[:, None].to(tl.int64) * stride_om + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (n < N)[None, :])
 
@@ -200,9 +210,11 @@ def split_for(n_programs: int, K: int, block_k: int, sms: int) -> int:
 
 
 def qmatmul(
-    x: torch.Tensor, w, config: Config | None = None, split: int | None = None, out: torch.Tensor | None = None
+    x: torch.Tensor, w, config: Config | None = None, split: int | None = None, out: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] fp16/bf16/fp32 @ w (QuantTensor [N, K]) ^T -> [..., N] in x.dtype.
+    """x [..., K] fp16/bf16/fp32 @ w (QuantTensor [N, K]) ^T (+ bias [N], added in fp32 in the
+    epilogue: no separate cast and add launches) -> [..., N] in x.dtype.
 
     `out` (contiguous, x.dtype) receives the result when given; `config` and `split` override
     the dispatcher (tests and benchmarks). No host sync: safe inside CUDA-graph capture."""
@@ -211,6 +223,10 @@ def qmatmul(
         raise ValueError(f"qmatmul: x {tuple(x.shape)} does not match weight {w.name!r} of shape {tuple(w.shape)}")
     sub = L.sub_size(w.ggml_type)
     L.row_bytes(w.ggml_type, K)  # raises for an unsupported type or a K that is not whole blocks
+    if bias is not None and (bias.shape != (N,) or not bias.is_contiguous()):
+        raise ValueError(f"qmatmul: bias must be a contiguous [{N}] tensor, got {tuple(bias.shape)}")
+    has_bias = bias is not None
+    b = bias if has_bias else x  # a placeholder pointer, never read
     shape = (*x.shape[:-1], N)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -230,9 +246,9 @@ def qmatmul(
     if cfg.kernel == "mm":
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
         mm_kernel[grid](
-            x, wv, y, M, N, K, x.stride(0), wv.stride(0), N,
+            x, wv, y, M, N, K, x.stride(0), wv.stride(0), N, b,
             TYPE=w.ggml_type, SUB=sub, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NSUB=nsub,
-            GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            GROUP_M=cfg.group_m, HAS_BIAS=has_bias, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
     if M > cfg.block_m:
@@ -243,10 +259,11 @@ def qmatmul(
     s = triton.cdiv(K, k_per)
     dst = y if s == 1 else torch.empty(s, M, N, dtype=torch.float32, device=x.device)
     gemv_kernel[(n_prog, s)](
-        x, wv, dst, M, N, K, x.stride(0), wv.stride(0), M * N, N, k_per,
+        x, wv, dst, M, N, K, x.stride(0), wv.stride(0), M * N, N, k_per, b,
         TYPE=w.ggml_type, SUB=sub, M_PAD=cfg.block_m, BLOCK_N=cfg.block_n, NSUB=nsub,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_BIAS=has_bias and s == 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if s > 1:
-        _reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](dst, y, M * N, s, BLOCK=REDUCE_BLOCK, num_warps=4)
+        _reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](dst, y, M * N, s, b, N, BLOCK=REDUCE_BLOCK,
+                                                           HAS_BIAS=has_bias, num_warps=4)
     return out

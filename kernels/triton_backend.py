@@ -38,8 +38,7 @@ class TritonOps:
     def linear(self, x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         from .qmatmul import qmatmul
 
-        y = qmatmul(x, w)
-        return y + bias.to(y.dtype) if bias is not None else y
+        return qmatmul(x, w, bias=bias)
 
     def embedding(self, ids: torch.Tensor, w: Any) -> torch.Tensor:
         from .dequant import dequantize

@@ -96,23 +96,26 @@ def _jobs() -> dict[str, list[tuple]]:
                 pairs = [("bf16", "bf16")] + ([("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")] if more else [])
                 for x, o in pairs:
                     sig = {"x_ptr": _DT[x], "w_ptr": w, "out_ptr": _DT[o], **ints, "stride_os": "i32",
-                           "stride_om": "i32", "k_per_split": "i32",
-                           **dict.fromkeys(("TYPE", "SUB", "M_PAD", "BLOCK_N", "NSUB"), "constexpr")}
+                           "stride_om": "i32", "k_per_split": "i32", "b_ptr": "*fp32",
+                           **dict.fromkeys(("TYPE", "SUB", "M_PAD", "BLOCK_N", "NSUB", "HAS_BIAS"), "constexpr")}
                     consts = {"TYPE": t, "SUB": sub, "M_PAD": cfg.block_m, "BLOCK_N": cfg.block_n,
-                              "NSUB": cfg.block_k // sub}
-                    div = (0, 1, 2, 4, 5, 6, 8, 9, 10) + ((7,) if _w_stride_aligned(t) else ())
+                              "NSUB": cfg.block_k // sub, "HAS_BIAS": (x, o) != ("bf16", "fp32")}  # partials: no bias
+                    div = (0, 1, 2, 4, 5, 6, 8, 9, 10, 11) + ((7,) if _w_stride_aligned(t) else ())
                     jobs["gemv"].append(("gemv", sig, consts, opts, div))
             else:
                 for x in ("bf16", "fp16", "fp32") if extra else ("bf16",):
                     sig = {"x_ptr": _DT[x], "w_ptr": w, "out_ptr": _DT[x], **ints, "stride_om": "i32",
-                           **dict.fromkeys(("TYPE", "SUB", "BLOCK_M", "BLOCK_N", "NSUB", "GROUP_M"), "constexpr")}
+                           "b_ptr": "*fp32",
+                           **dict.fromkeys(("TYPE", "SUB", "BLOCK_M", "BLOCK_N", "NSUB", "GROUP_M", "HAS_BIAS"),
+                                           "constexpr")}
                     consts = {"TYPE": t, "SUB": sub, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                              "NSUB": cfg.block_k // sub, "GROUP_M": cfg.group_m}
-                    div = (0, 1, 2, 4, 5, 6, 8) + ((7,) if _w_stride_aligned(t) else ())
+                              "NSUB": cfg.block_k // sub, "GROUP_M": cfg.group_m, "HAS_BIAS": True}
+                    div = (0, 1, 2, 4, 5, 6, 8, 9) + ((7,) if _w_stride_aligned(t) else ())
                     jobs["mm"].append(("mm", sig, consts, opts, div))
     for o in ("bf16", "fp16", "fp32"):
-        sig = {"p_ptr": "*fp32", "out_ptr": _DT[o], "numel": "i32", "split": "i32", "BLOCK": "constexpr"}
-        jobs["reduce"].append(("reduce", sig, {"BLOCK": REDUCE_BLOCK}, {"num_warps": 4}, (0, 1)))
+        sig = {"p_ptr": "*fp32", "out_ptr": _DT[o], "numel": "i32", "split": "i32", "b_ptr": "*fp32", "N": "i32",
+               "BLOCK": "constexpr", "HAS_BIAS": "constexpr"}
+        jobs["reduce"].append(("reduce", sig, {"BLOCK": REDUCE_BLOCK, "HAS_BIAS": True}, {"num_warps": 4}, (0, 1, 4)))
     return jobs
 
 

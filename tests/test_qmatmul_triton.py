@@ -99,6 +99,21 @@ def test_split_k(t, K, M, split):
     assert torch.equal(y, _run(x, w, split=split)), "split-K must be deterministic"
 
 
+@pytest.mark.parametrize("M,split", [(1, 1), (3, 2), (40, None)], ids=["gemv", "gemv-split-k", "tiled"])
+def test_bias_in_the_epilogue(M, split):
+    """y = x @ W^T + b with b added once in fp32 by the kernel (GEMV epilogue, the split-K reduce, or the
+    tiled epilogue): within the bound of the product alone, since adding b rounds nothing more in fp32."""
+    t, K = L.Q8_0, 320
+    w = _weight(t, 37, K, seed=11)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(12)).to(DEV)
+    bias = torch.randn(37, generator=torch.Generator().manual_seed(13)).to(DEV) * 100
+    y = _run(x, w, split=split, bias=bias) if split else _run(x, w, bias=bias)
+    _check(y - bias, x, w, tiled=M > 16)
+    assert torch.equal(y, qmatmul(x, w, split=split, bias=bias)), "deterministic"
+    with pytest.raises(ValueError, match="bias"):
+        qmatmul(x, w, bias=bias[:36])
+
+
 def test_tiled_multi_superblock():
     w = _weight(L.Q5_K, 70, 768, seed=3)
     x = torch.randn(40, 768, generator=torch.Generator().manual_seed(6)).half().to(DEV)

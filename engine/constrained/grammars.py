@@ -18,6 +18,8 @@ from typing import Any
 
 import llguidance as llg
 
+from .schema_caps import cap_literals
+
 __all__ = ["GrammarError", "GrammarLimits", "GrammarSpec", "DEFAULT_LIMITS", "json_object", "json_schema", "gbnf",
            "lark", "regex", "response_format", "close_objects", "check_schema_shape"]
 
@@ -66,7 +68,8 @@ def json_schema(schema: Any, strict: bool = False, param: str = "response_format
     """Any JSON matching `schema`. `strict` is accepted for OpenAI compatibility; enforcement is
     the same either way (every keyword we accept is enforced; unsupported ones are a 400).
     `closed`: objects that list `properties` get no others unless the schema says otherwise (see
-    `close_objects`); `compact`: no optional whitespace."""
+    `close_objects`); `compact`: no optional whitespace. Number literals are capped in length
+    unless the schema bounds them itself (`cap_literals`)."""
     if isinstance(schema, str):
         if len(schema) > limits.max_chars:
             raise GrammarError(f"schema is longer than {limits.max_chars} characters", param)
@@ -83,6 +86,7 @@ def json_schema(schema: Any, strict: bool = False, param: str = "response_format
         _check_schema(schema, param)
         if closed:
             schema = close_objects(schema)
+        schema = cap_literals(schema)  # number literals end (engine/constrained/schema_caps.py)
     try:
         text = llg.LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT if compact else None)
     except (ValueError, TypeError) as e:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .grammars import DEFAULT_LIMITS, GrammarLimits, check_schema_shape
+from .schema_caps import cap_literals
 from .structured import GrammarError, GrammarSpec, close_objects, lark
 from .tool_parser import ParserSyntax, ToolCallParser
 
@@ -189,7 +190,7 @@ def _call_rules(fns: list[dict], arg_key: str, flexible: bool = False) -> str:
     prefix with (a lexeme boundary inside that prefix would be decided for the text)."""
     alts, rules = [], []
     for i, f in enumerate(fns):
-        params = close_objects(f["parameters"])
+        params = cap_literals(close_objects(f["parameters"]))  # arguments that end, as for response_format
         head = _lit(f'{{"name": {_lit(f["name"])}, "{arg_key}": ')
         rules.append(f'fn_{i}: {head} args_{i} "}}"')
         rules.append(f"args_{i}: %json {json.dumps({**params, 'x-guidance': _SEPS})}")

@@ -1,0 +1,106 @@
+"""What real clients do against a real server (smollm2, CPU): the openai SDK's
+`chat.completions.parse` with a pydantic model finishes with a valid object (number literals are
+capped, issue 18), forced tool arguments likewise, and a schema's own bounds are kept."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Annotated
+
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from server_fixture import api_server  # noqa: F401
+
+
+class Kind(str, Enum):
+    capital = "capital"
+    town = "town"
+
+
+class Mayor(BaseModel):
+    name: str
+    age: int
+
+
+class City(BaseModel):
+    name: str
+    country: str
+    population: int
+    area_km2: float
+    coastal: bool
+    kind: Kind
+    # maxItems/maxLength of its own: lists and strings are not capped (docs/clients.md); without
+    # them smollm2 at 0.7 rambles in 1 of 8 (`"Paris_2021_2018_2015...`), a content runaway
+    districts: list[Annotated[str, Field(max_length=24)]] = Field(max_length=3)
+    mayor: Mayor
+
+
+# what a user of a 135M model writes: the fields in the prompt (the grammar enforces the shape,
+# the prompt keeps the content short: unbounded lists and strings are the model's to close)
+MSGS = [{"role": "system", "content": "Answer in JSON with the city's name, country, population, area_km2, "
+                                      "coastal, kind, two districts and the mayor's name and age."},
+        {"role": "user", "content": "Describe Paris."}]
+SEEDS = range(8)
+
+
+@pytest.fixture(scope="module")
+def oai(api_server):  # noqa: F811
+    return openai.OpenAI(base_url=api_server.base_url + "/v1", api_key="x", timeout=300, max_retries=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_parse_pydantic_finishes(oai, temperature):
+    """Every run ends with `stop` and a parsed object within 128 tokens (before the caps, the
+    integer ran to max_tokens: `"population":1112200000000000...`)."""
+    seeds = [0] if temperature == 0 else SEEDS
+    for seed in seeds:
+        r = oai.chat.completions.parse(model="smollm2", messages=MSGS, response_format=City, max_tokens=128,
+                                       temperature=temperature, seed=seed)
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop", (seed, choice.message.content)
+        assert isinstance(choice.message.parsed, City), (seed, choice.message.content)
+        assert r.usage.completion_tokens <= 128
+
+
+POP_TOOL = {"type": "function", "function": {
+    "name": "set_population", "description": "Record a city's population",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"},
+                                                    "density": {"type": "number"}},
+                   "required": ["city", "population", "density"]}}}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_forced_tool_int_argument_finishes(oai, temperature):
+    seeds = [0] if temperature == 0 else SEEDS
+    params = POP_TOOL["function"]["parameters"]
+    for seed in seeds:
+        r = oai.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Paris has many people. Record it."}],
+            tools=[POP_TOOL], tool_choice={"type": "function", "function": {"name": "set_population"}},
+            max_tokens=128, temperature=temperature, seed=seed)
+        choice = r.choices[0]
+        assert choice.finish_reason in ("tool_calls", "stop"), (seed, choice)
+        (call,) = choice.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), params)
+
+
+def test_schema_bounds_kept(oai):
+    """A schema's own minimum/maximum/maxLength are what the grammar enforces, not the caps."""
+    schema = {"type": "object", "properties": {
+        "score": {"type": "integer", "minimum": 3, "maximum": 7},
+        "ratio": {"type": "number", "minimum": 0.5, "maximum": 0.75},
+        "code": {"type": "string", "maxLength": 2}},
+        "required": ["score", "ratio", "code"], "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "b", "schema": schema, "strict": True}}
+    for seed in range(4):
+        r = oai.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Give a score of 100, ratio 9 and code HELLO."}],
+            response_format=rf, max_tokens=64, temperature=1.0, seed=seed)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+

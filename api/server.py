@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -235,7 +237,14 @@ async def _announce(engine: Any, settings: ServerSettings, server: Any) -> bool:
     return True
 
 
-async def serve_async(settings: ServerSettings) -> int:
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else happens: a busy port must fail in
+    milliseconds, not after the model has been read (uvicorn would bind only once serving)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)
+
+
+async def serve_async(settings: ServerSettings, sock: socket.socket | None = None) -> int:
     from engine.core.engine import AsyncEngine
 
     from .app import create_app
@@ -246,7 +255,7 @@ async def serve_async(settings: ServerSettings) -> int:
     server = make_uvicorn_server(uvicorn_config(app, settings), app, grace_s=settings.grace_period)
     announce = asyncio.create_task(_announce(engine, settings, server))
     try:
-        await server.serve()
+        await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         # uvicorn already waited up to grace_period for in-flight requests; abort what is left
         await engine.shutdown(grace_s=0)
@@ -263,11 +272,18 @@ async def serve_async(settings: ServerSettings) -> int:
 
 def run_server(settings: ServerSettings) -> int:
     setup_logging(settings.log_format, settings.log_level)
+    try:
+        sock = bind_listener(settings.host, settings.port)
+    except OSError as e:
+        why = (f"port {settings.port} is already in use" if e.errno == errno.EADDRINUSE
+               else f"{e.strerror or e} (port {settings.port})")
+        print(f"llamatron serve: cannot listen on {settings.host}:{settings.port}: {why}", file=sys.stderr)
+        return 1
     # uvicorn re-raises the exit signal after its graceful shutdown; with these no-op handlers in
     # place that re-raise is harmless and the process exits 0 instead of dying by the signal.
     saved = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return asyncio.run(serve_async(settings))
+        return asyncio.run(serve_async(settings, sock))
     finally:
         for s, h in saved.items():
             signal.signal(s, h)

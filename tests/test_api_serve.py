@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from serve_process import serve_process
+from serve_process import ROOT, serve_process
 
 
 def test_serve_process_graceful_sigterm(smollm2_path) -> None:
@@ -140,3 +142,19 @@ def test_sigterm_during_long_prefills_exits_cleanly(smollm2_path) -> None:
             else:
                 ended = "error" in last or any(c.get("finish_reason") for c in last.get("choices", []))
                 assert ended, events[-3:]
+
+
+def test_busy_port_fails_fast_before_loading(smollm2_path) -> None:
+    """A port in use: non-zero exit in under 2 s with a message naming the port, before the model
+    is read (it used to load the whole model, then exit 3 or abort)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "api.cli_serve", str(smollm2_path), "--port", str(port)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - t0
+    assert r.returncode != 0 and elapsed < 2.0, (r.returncode, elapsed, r.stderr)
+    assert f"port {port} is already in use" in r.stderr
+    assert "loaded" not in r.stderr + r.stdout  # the loader logs "loaded <file> ... in N s"

@@ -9,6 +9,7 @@ names its parameter in `Progress`, so a time-out or a failure is a 400 that says
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -232,6 +233,8 @@ def prepare_chat(progress: Progress, ctx: AppContext, raw: bytearray) -> ChatPla
     started = time.monotonic()  # the grammar budget: tool planning, grammar building, compiling
     tools = plan_tools(ctx, req, progress)
     other = grammar_spec(ctx, req, progress)
+    if tools.choice == "none" and other is not None:  # the client's format wins over the generic answer wrapper
+        tools = dataclasses.replace(tools, grammar=None)
     if tools.grammar is not None and other is not None:
         raise invalid(f"{other.param} cannot be combined with tools unless tool_choice is 'none'", other.param)
     spec = tools.grammar or other

@@ -104,3 +104,14 @@ def test_schema_bounds_kept(oai):
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
+
+def test_tool_choice_none_same_prompt_no_call(oai):
+    """tool_choice "none" keeps the tools in the prompt (OpenAI) and returns no call."""
+    msgs = [{"role": "user", "content": "Record that Paris has 2 million people."}]
+    auto = oai.chat.completions.create(model="smollm2", messages=msgs, tools=[POP_TOOL], tool_choice="auto",
+                                       max_tokens=48, temperature=0)
+    none = oai.chat.completions.create(model="smollm2", messages=msgs, tools=[POP_TOOL], tool_choice="none",
+                                       max_tokens=48, temperature=0)
+    assert none.usage.prompt_tokens == auto.usage.prompt_tokens
+    assert not none.choices[0].message.tool_calls and none.choices[0].finish_reason != "tool_calls"
+    assert none.choices[0].message.content  # the answer, unwrapped from the generic format's reply

@@ -170,9 +170,20 @@ def test_unsupported_schema_keyword_fails_compile(smollm2_path):
     assert e.value.param == "tools"
 
 
-def test_none_means_no_tools():
-    plan = T.plan_tools(T.HERMES, [{"role": "user", "content": "hi"}], TOOLS, "none")
-    assert plan.grammar is None and plan.template_tools is None and plan.new_parser() is None
+@pytest.mark.parametrize("fmt", [T.HERMES, T.LLAMA3, T.MISTRAL, T.GENERIC])
+def test_none_keeps_the_tools_in_view(fmt):
+    """OpenAI's tool_choice "none": the prompt of "auto", but no call comes out (issue 18: the
+    tools used to vanish from the prompt)."""
+    msgs = [{"role": "user", "content": "hi"}]
+    auto, none = T.plan_tools(fmt, msgs, TOOLS, "auto"), T.plan_tools(fmt, msgs, TOOLS, "none")
+    assert (none.messages, none.template_tools) == (auto.messages, auto.template_tools)
+    if fmt.native:
+        assert none.grammar is None and none.new_parser() is None
+    else:  # only the {"response": ...} answer; the parser unwraps it
+        parser = none.new_parser()
+        events = parser.feed('{"response": "Hello"}') + parser.finish()
+        assert none.grammar is not None and parser.content == "Hello"
+        assert not [e for e in events if isinstance(e, ToolCallDelta)]
 
 
 def test_generic_prompt_and_history_render(smollm2_path):

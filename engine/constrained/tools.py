@@ -79,6 +79,7 @@ class ToolPlan:
     template_tools: list[dict] | None  # pass as `tools=` to ChatTemplate.render
     grammar: GrammarSpec | None  # compile with StructuredOutputs (param "tools"); None: free text
     tools: list[dict] = field(default_factory=list)
+    choice: str | dict = "auto"  # tool_choice as checked: "none" | "auto" | "required" | {"name": ...}
 
     @property
     def parses_calls(self) -> bool:
@@ -88,7 +89,8 @@ class ToolPlan:
         """One per choice; None when tool calls are off (tool_choice "none")."""
         if self.grammar is None:
             return None
-        return ToolCallParser(self.format.syntax, [f["name"] for f in self.tools])
+        names = [] if self.choice == "none" else [f["name"] for f in self.tools]
+        return ToolCallParser(self.format.syntax, names)
 
 
 def plan_tools(fmt: ToolFormat, messages: list[dict], tools: list[dict] | None, tool_choice: Any = None,
@@ -100,10 +102,12 @@ def plan_tools(fmt: ToolFormat, messages: list[dict], tools: list[dict] | None, 
     fns = _check_tools(tools, limits)
     choice = _check_choice(tool_choice, fns)
     parallel = parallel_tool_calls is not False
-    if choice == "none" or not fns:
+    if not fns:
         msgs = _generic_history(messages) if not fmt.native else (
             _mistral_history(messages) if fmt is MISTRAL else list(messages))
-        return ToolPlan(fmt, msgs, None, None, fns)
+        return ToolPlan(fmt, msgs, None, None, fns, choice)
+    if choice == "none":  # OpenAI: the tools stay in view, only calls are forbidden
+        return _plan_none(fmt, messages, tools, fns, parallel)
     if isinstance(choice, dict):  # named function: exactly that one call
         fns_g, mode, parallel = [f for f in fns if f["name"] == choice["name"]], "required", False
     else:
@@ -111,9 +115,22 @@ def plan_tools(fmt: ToolFormat, messages: list[dict], tools: list[dict] | None, 
     grammar = lark(_grammar(fmt, fns_g, mode, parallel, token_id), param="tools")
     if fmt.native:
         msgs = _mistral_history(messages) if fmt is MISTRAL else list(messages)
-        return ToolPlan(fmt, msgs, tools, grammar, fns)
+        return ToolPlan(fmt, msgs, tools, grammar, fns, choice)
     msgs = _generic_history(messages)
-    return ToolPlan(fmt, _inject_system(msgs, _generic_prompt(fns, choice, parallel)), None, grammar, fns)
+    return ToolPlan(fmt, _inject_system(msgs, _generic_prompt(fns, choice, parallel)), None, grammar, fns, choice)
+
+
+def _plan_none(fmt: ToolFormat, messages: list[dict], tools: list[dict] | None, fns: list[dict],
+               parallel: bool) -> ToolPlan:
+    """tool_choice "none": the prompt of "auto" (same tools, same instructions), no call out.
+    Native formats: no parser, so whatever the model writes is content. Generic: the grammar
+    allows only the `{"response": ...}` answer the prompt offers, which the parser unwraps."""
+    if fmt.native:
+        msgs = _mistral_history(messages) if fmt is MISTRAL else list(messages)
+        return ToolPlan(fmt, msgs, tools, None, fns, "none")
+    msgs = _inject_system(_generic_history(messages), _generic_prompt(fns, "auto", parallel))
+    g = '%llguidance {}\nstart: "{\\"response\\": " reply "}"\nreply: %json {"type": "string"}\n'
+    return ToolPlan(fmt, msgs, None, lark(g, param="tools"), fns, "none")
 
 
 def _check_tools(tools: Any, limits: GrammarLimits) -> list[dict]:

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import native, openai
+from . import native, openai, tokenizer_api
 from .auth import APIKeyMiddleware, load_keys
 from .context import AppContext
 from .errors import EXCEPTION_HANDLERS, APIError, CatchAllMiddleware, loading
@@ -94,8 +94,9 @@ ROUTES = [
     Route("/v1/completions", openai.completions, methods=["POST"]),
     Route("/completions", openai.completions, methods=["POST"]),
     Route("/completion", native.completion, methods=["POST"]),
-    Route("/tokenize", native.tokenize, methods=["POST"]),
-    Route("/detokenize", native.detokenize, methods=["POST"]),
+    Route("/tokenize", tokenizer_api.tokenize, methods=["POST"]),
+    Route("/detokenize", tokenizer_api.detokenize, methods=["POST"]),
+    Route("/tokenizer_info", tokenizer_api.tokenizer_info, methods=["GET"]),
     Route("/apply-template", native.apply_template, methods=["POST"]),
     Route("/props", native.props, methods=["GET"]),
     Route("/slots", native.slots, methods=["GET"]),

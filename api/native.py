@@ -1,4 +1,5 @@
-"""llama-server's own endpoints: /completion, /tokenize, /detokenize, /apply-template, /props, /slots.
+"""llama-server's own endpoints: /completion, /apply-template, /props, /slots
+(/tokenize and /detokenize: api/tokenizer_api.py).
 
 Shapes follow the llama-server transcripts in shared/fixtures (fields we cannot fill meaningfully,
 like DRY or mirostat settings, are reported at their neutral values since we reject anything else).
@@ -22,7 +23,7 @@ from .offload import Progress
 from .openai import respond
 from .plans import check_sizes, compile_grammar, decode_json, grammar_spec, message_chars, render_template
 from .runs import Job, Run, finite, read_body
-from .schemas import (ApplyTemplateRequest, DetokenizeRequest, NativeCompletionRequest, TokenizeRequest,
+from .schemas import (ApplyTemplateRequest, NativeCompletionRequest,
                       parse_body)
 
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
@@ -176,36 +177,6 @@ async def completion(request: Request) -> Response:
     if req.stream:  # llama-server's native stream has no [DONE] marker
         return await respond(request, run, events, True, None, done_marker=False)
     return await respond(request, run, events, False, lambda ev: fold_native(ev, req.return_tokens))
-
-
-def _tokenize(progress: Progress, ctx: AppContext, raw: bytearray) -> dict[str, Any]:
-    req = parse_body(TokenizeRequest, decode_json(raw))
-    progress.param = "content"
-    check_sizes(ctx, [("content", len(req.content))], "content", prompt=False)
-    tok = ctx.engine.tokenizer
-    ids = tok.encode(req.content, add_special=req.add_special, parse_special=req.parse_special)
-    if req.with_pieces:
-        return {"tokens": [{"id": t, "piece": tok.token_piece(t)} for t in ids]}
-    return {"tokens": ids}
-
-
-async def tokenize(request: Request) -> Response:
-    ctx: AppContext = request.app.state.ctx
-    return JSONResponse(await ctx.offload.run(_tokenize, ctx, await read_body(request, ctx)))
-
-
-def _detokenize(progress: Progress, ctx: AppContext, raw: bytearray) -> dict[str, Any]:
-    req = parse_body(DetokenizeRequest, decode_json(raw))
-    progress.param = "tokens"
-    bad = [t for t in req.tokens if not 0 <= t < ctx.vocab_size]
-    if bad:
-        raise invalid(f"token id {bad[0]} is outside the vocabulary (size {ctx.vocab_size})", "tokens")
-    return {"content": ctx.engine.tokenizer.decode(req.tokens)}
-
-
-async def detokenize(request: Request) -> Response:
-    ctx: AppContext = request.app.state.ctx
-    return JSONResponse(await ctx.offload.run(_detokenize, ctx, await read_body(request, ctx)))
 
 
 def _apply_template(progress: Progress, ctx: AppContext, raw: bytearray) -> dict[str, Any]:

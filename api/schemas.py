@@ -335,14 +335,24 @@ class NativeCompletionRequest(_Body):
 
 
 class TokenizeRequest(_Body):
-    content: str = ""
+    """llama-server's shape (`content`, `add_special`, `with_pieces`) or vLLM's (`prompt` or
+    `messages`, `add_special_tokens`, `return_token_strs`); api/tokenizer_api.py tells them apart."""
+
+    content: str | None = None
     add_special: bool = False
     parse_special: bool = True
     with_pieces: bool = False
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # vLLM: default True for `prompt`, False for `messages`
+    return_token_strs: bool = False
+    add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Body):
-    tokens: list[int] = []
+    tokens: list[int]
 
 
 class ApplyTemplateRequest(_Body):

@@ -115,3 +115,46 @@ def test_tool_choice_none_same_prompt_no_call(oai):
     assert none.usage.prompt_tokens == auto.usage.prompt_tokens
     assert not none.choices[0].message.tool_calls and none.choices[0].finish_reason != "tool_calls"
     assert none.choices[0].message.content  # the answer, unwrapped from the generic format's reply
+
+
+# ---- tokenizer endpoints: llama-server's shapes and vLLM's (lm-eval's RemoteTokenizer) ---------
+def test_tokenizer_info(api_server):  # noqa: F811
+    with api_server.client() as c:
+        info = c.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<|im_end|>" and info["eos_token_id"] == 2
+    assert info["bos_token"] == "<|im_start|>" and info["bos_token_id"] == 1
+    assert "pad_token" in info and "pad_token_id" in info
+    assert info["model_max_length"] == 2048 and "im_start" in info["chat_template"]
+
+
+def test_tokenize_both_shapes(api_server):  # noqa: F811
+    with api_server.client() as c:
+        llama = c.post("/tokenize", json={"content": "Hello, world!", "with_pieces": True}).json()
+        vllm = c.post("/tokenize", json={"prompt": "Hello, world!", "add_special_tokens": False,
+                                         "return_token_strs": True}).json()
+        ids = [t["id"] for t in llama["tokens"]]
+        assert vllm["tokens"] == ids and vllm["count"] == len(ids) and vllm["max_model_len"] == 2048
+        assert vllm["token_strs"] == ["Hello", ",", "Ġworld", "!"]
+        # what lm-eval reads the EOS id from: the eos text tokenizes to that one special token
+        assert c.post("/tokenize", json={"prompt": "<|im_end|>", "add_special_tokens": False}).json()["tokens"] == [2]
+        msgs = [{"role": "user", "content": "Hi"}]
+        chat = c.post("/tokenize", json={"messages": msgs}).json()
+        text = c.post("/apply-template", json={"messages": msgs}).json()["prompt"]
+        assert chat["tokens"] == c.post("/tokenize", json={"content": text}).json()["tokens"]
+        r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1})
+        assert r.json()["usage"]["prompt_tokens"] == chat["count"]
+        out = c.post("/detokenize", json={"tokens": ids}).json()
+        assert out == {"content": "Hello, world!", "prompt": "Hello, world!"}
+
+
+@pytest.mark.parametrize("body,param", [({}, "content"), ({"text": "hi"}, "content"),
+                                        ({"content": "a", "prompt": "b"}, "prompt"),
+                                        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "messages"),
+                                        ({"messages": []}, "messages"), ({"prompt": 3}, "prompt")])
+def test_tokenize_neither_shape_is_400(api_server, body, param):  # noqa: F811
+    with api_server.client() as c:
+        r = c.post("/tokenize", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    with api_server.client() as c:
+        r = c.post("/detokenize", json={})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.text

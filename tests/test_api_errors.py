@@ -90,7 +90,8 @@ def test_native_endpoints_match_llama_server(api_server) -> None:  # noqa: F811
                 assert r.json() == conv["response"], conv["name"]
             assert r.status_code < 500, conv["name"]
         ids = c.post("/tokenize", json={"content": "Hello, world!"}).json()["tokens"]
-        assert c.post("/detokenize", json={"tokens": ids}).json() == {"content": "Hello, world!"}
+        # llama-server reads `content`, vLLM `prompt` (api/tokenizer_api.py)
+        assert c.post("/detokenize", json={"tokens": ids}).json() == {"content": "Hello, world!", "prompt": "Hello, world!"}
         props = c.get("/props").json()
         assert props["default_generation_settings"]["n_ctx"] == 2048 and props["total_slots"] == 8
         assert props["model_alias"] == "smollm2" and props["eos_token"] == "<|im_end|>"

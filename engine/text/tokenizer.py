@@ -101,6 +101,7 @@ class Tokenizer:
         self.bos_token = tokens[bos_id] if bos_id is not None else ""
         self.eos_token = tokens[eos_id] if eos_id is not None else ""
         self.add_bos, self.add_eos = add_bos, add_eos
+        self.pad_id: int | None = None
         self.eog_ids = eog_ids
         self._add_space_prefix = add_space_prefix
         self._clean = clean_spaces
@@ -189,9 +190,11 @@ class Tokenizer:
                                for i in np.nonzero(a & (CONTROL | UNKNOWN))[0].tolist()])
         hf.add_tokens([AddedToken(tokens[i], special=False, normalized=False, rstrip=i in rstrip)
                        for i in np.nonzero((a & USER_DEFINED) & ~(a & (CONTROL | UNKNOWN)))[0].tolist()])
-        return cls(hf, tokens, attrs, spm, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos,
-                   add_eos=add_eos, add_space_prefix=add_space_prefix, clean_spaces=clean, eog_ids=eog,
-                   rstrip_ids=frozenset(rstrip))
+        out = cls(hf, tokens, attrs, spm, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos,
+                  add_eos=add_eos, add_space_prefix=add_space_prefix, clean_spaces=clean, eog_ids=eog,
+                  rstrip_ids=frozenset(rstrip))
+        out.pad_id = key_id("padding", None)  # only reported (GET /tokenizer_info); never added
+        return out
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """llama_tokenize: add_special adds BOS/EOS as the metadata says; parse_special lets

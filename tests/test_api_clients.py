@@ -56,8 +56,7 @@ def oai(api_server):  # noqa: F811
 def test_parse_pydantic_finishes(oai, temperature):
     """Every run ends with `stop` and a parsed object within 128 tokens (before the caps, the
     integer ran to max_tokens: `"population":1112200000000000...`)."""
-    seeds = [0] if temperature == 0 else SEEDS
-    for seed in seeds:
+    for seed in SEEDS:  # at temperature 0 the seeds agree: still 8 runs, as a client would see
         r = oai.chat.completions.parse(model="smollm2", messages=MSGS, response_format=City, max_tokens=128,
                                        temperature=temperature, seed=seed)
         choice = r.choices[0]
@@ -75,9 +74,8 @@ POP_TOOL = {"type": "function", "function": {
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_forced_tool_int_argument_finishes(oai, temperature):
-    seeds = [0] if temperature == 0 else SEEDS
     params = POP_TOOL["function"]["parameters"]
-    for seed in seeds:
+    for seed in SEEDS:  # at temperature 0 the seeds agree: still 8 runs, as a client would see
         r = oai.chat.completions.create(
             model="smollm2", messages=[{"role": "user", "content": "Paris has many people. Record it."}],
             tools=[POP_TOOL], tool_choice={"type": "function", "function": {"name": "set_population"}},

@@ -91,7 +91,8 @@ def test_native_endpoints_match_llama_server(api_server) -> None:  # noqa: F811
             assert r.status_code < 500, conv["name"]
         ids = c.post("/tokenize", json={"content": "Hello, world!"}).json()["tokens"]
         # llama-server reads `content`, vLLM `prompt` (api/tokenizer_api.py)
-        assert c.post("/detokenize", json={"tokens": ids}).json() == {"content": "Hello, world!", "prompt": "Hello, world!"}
+        text = "Hello, world!"
+        assert c.post("/detokenize", json={"tokens": ids}).json() == {"content": text, "prompt": text}
         props = c.get("/props").json()
         assert props["default_generation_settings"]["n_ctx"] == 2048 and props["total_slots"] == 8
         assert props["model_alias"] == "smollm2" and props["eos_token"] == "<|im_end|>"

@@ -5,8 +5,6 @@ at 10, unless the schema bounds the value itself; json_object, tool arguments an
 
 from __future__ import annotations
 
-import json
-
 import llguidance as llg
 import pytest
 

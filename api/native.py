@@ -23,8 +23,7 @@ from .offload import Progress
 from .openai import respond
 from .plans import check_sizes, compile_grammar, decode_json, grammar_spec, message_chars, render_template
 from .runs import Job, Run, finite, read_body
-from .schemas import (ApplyTemplateRequest, NativeCompletionRequest,
-                      parse_body)
+from .schemas import ApplyTemplateRequest, NativeCompletionRequest, parse_body
 
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
 

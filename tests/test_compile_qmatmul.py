@@ -5,9 +5,9 @@ do not lower, register/shared-memory blow-ups); the shared memory of each kernel
 H100 (232,448 bytes per block). Pointers are marked 16-byte aligned as the JIT does for torch
 allocations, and integer arguments as the JIT does when they are multiples of 16, for shapes
 where that always holds (K, N, the split size; weight row strides for the types whose rows are
-always whole multiples of 16 bytes). No kernel may spill registers (stack frame read from the cubin with the cuobjdump
-that ships with triton). About 120 compiles of 1-4 s each run in 2 worker processes; Triton's
-cache (~/.triton/cache) makes repeated runs fast.
+always whole multiples of 16 bytes). No kernel may spill registers (stack frame read from the cubin
+by scripts/sm90_code.py, with the cuobjdump that ships with triton). About 120 compiles of 1-4 s each
+run in 2 worker processes; Triton's cache (~/.triton/cache) makes repeated runs fast.
 """
 
 from __future__ import annotations
@@ -21,25 +21,6 @@ import pytest
 H100_SMEM = 232448
 _W_PTR = {0: "*fp32", 1: "*fp16", 30: "*i16"}  # F32/F16/BF16 weights are read as typed elements
 _DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-
-
-def _stack_bytes(cubin: bytes) -> int:
-    """Per-thread stack frame (register spills) from the bundled cuobjdump; -1 when it is absent."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return -1
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"STACK:(\d+)", out)
-    return int(m.group(1)) if m else -1
 
 
 def _compile(job: tuple) -> tuple[str, int, int, str]:
@@ -59,7 +40,9 @@ def _compile(job: tuple) -> tuple[str, int, int, str]:
         k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
     except Exception as e:  # reported per job below
         return label, -1, -1, f"{type(e).__name__}: {str(e)[-800:]}"
-    return label, k.metadata.shared, _stack_bytes(k.asm["cubin"]), ""
+    from scripts.sm90_code import resources
+
+    return label, k.metadata.shared, resources(k.asm["cubin"]).stack, ""
 
 
 def _w_stride_aligned(t: int) -> bool:

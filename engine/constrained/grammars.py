@@ -18,7 +18,7 @@ from typing import Any
 
 import llguidance as llg
 
-from .schema_caps import cap_literals
+from .schema_caps import SUB_LISTS, SUB_MAPS, SUB_ONE, cap_literals
 
 __all__ = ["GrammarError", "GrammarLimits", "GrammarSpec", "DEFAULT_LIMITS", "json_object", "json_schema", "gbnf",
            "lark", "regex", "response_format", "close_objects", "check_schema_shape"]
@@ -94,9 +94,7 @@ def json_schema(schema: Any, strict: bool = False, param: str = "response_format
     return GrammarSpec(text, param, "json_schema")
 
 
-_SUB_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
-_SUB_LISTS = ("anyOf", "oneOf", "prefixItems")
-_SUB_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
+_SUB_LISTS = tuple(k for k in SUB_LISTS if k != "allOf")  # allOf branches are walked apart (left open)
 
 
 def close_objects(schema: Any, _in_all_of: bool = False) -> Any:
@@ -110,13 +108,13 @@ def close_objects(schema: Any, _in_all_of: bool = False) -> Any:
     if ("properties" in out and not _in_all_of and not {"additionalProperties", "patternProperties",
                                                          "unevaluatedProperties"} & out.keys()):
         out["additionalProperties"] = False
-    for key in _SUB_MAPS:
+    for key in SUB_MAPS:
         if isinstance(out.get(key), dict):
             out[key] = {k: close_objects(v) for k, v in out[key].items()}
     for key in _SUB_LISTS:
         if isinstance(out.get(key), list):
             out[key] = [close_objects(v) for v in out[key]]
-    for key in _SUB_ONE:
+    for key in SUB_ONE:
         if isinstance(out.get(key), dict):
             out[key] = close_objects(out[key])
     if isinstance(out.get("allOf"), list):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["cap_literals", "ANY_CAPPED", "INT_CAP", "NUM_CAP", "FRACTION"]
+__all__ = ["cap_literals", "INT_CAP", "NUM_CAP", "FRACTION", "SUB_MAPS", "SUB_LISTS", "SUB_ONE"]
 
 INT_CAP = 10**16 - 1
 NUM_CAP = 1e16
@@ -32,10 +32,7 @@ _ANY_DEF = {"anyOf": [{"type": "null"}, {"type": "boolean"}, {"type": "string"},
                       {"type": "number", "minimum": -NUM_CAP, "maximum": NUM_CAP, "multipleOf": FRACTION},
                       {"type": "array", "items": {"$ref": _ANY_REF}},
                       {"type": "object", "additionalProperties": {"$ref": _ANY_REF}}]}
-# json_object: an object of capped values
-ANY_CAPPED = {"type": "object", "additionalProperties": {"$ref": _ANY_REF},
-              "$defs": {"llamatron_any": _ANY_DEF}}
-
+# the keywords whose values are subschemas (engine/constrained/grammars.py walks the same ones)
 SUB_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
 SUB_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 SUB_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")

@@ -103,8 +103,7 @@ def plan_tools(fmt: ToolFormat, messages: list[dict], tools: list[dict] | None, 
     choice = _check_choice(tool_choice, fns)
     parallel = parallel_tool_calls is not False
     if not fns:
-        msgs = _generic_history(messages) if not fmt.native else (
-            _mistral_history(messages) if fmt is MISTRAL else list(messages))
+        msgs = _native_history(fmt, messages) if fmt.native else _generic_history(messages)
         return ToolPlan(fmt, msgs, None, None, fns, choice)
     if choice == "none":  # OpenAI: the tools stay in view, only calls are forbidden
         return _plan_none(fmt, messages, tools, fns, parallel)
@@ -114,10 +113,15 @@ def plan_tools(fmt: ToolFormat, messages: list[dict], tools: list[dict] | None, 
         fns_g, mode = fns, choice
     grammar = lark(_grammar(fmt, fns_g, mode, parallel, token_id), param="tools")
     if fmt.native:
-        msgs = _mistral_history(messages) if fmt is MISTRAL else list(messages)
+        msgs = _native_history(fmt, messages)
         return ToolPlan(fmt, msgs, tools, grammar, fns, choice)
     msgs = _generic_history(messages)
     return ToolPlan(fmt, _inject_system(msgs, _generic_prompt(fns, choice, parallel)), None, grammar, fns, choice)
+
+
+def _native_history(fmt: ToolFormat, messages: list[dict]) -> list[dict]:
+    """The history as a template with its own tool support takes it (Mistral's needs call ids mended)."""
+    return _mistral_history(messages) if fmt is MISTRAL else list(messages)
 
 
 def _plan_none(fmt: ToolFormat, messages: list[dict], tools: list[dict] | None, fns: list[dict],
@@ -126,7 +130,7 @@ def _plan_none(fmt: ToolFormat, messages: list[dict], tools: list[dict] | None, 
     Native formats: no parser, so whatever the model writes is content. Generic: the grammar
     allows only the `{"response": ...}` answer the prompt offers, which the parser unwraps."""
     if fmt.native:
-        msgs = _mistral_history(messages) if fmt is MISTRAL else list(messages)
+        msgs = _native_history(fmt, messages)
         return ToolPlan(fmt, msgs, tools, None, fns, "none")
     msgs = _inject_system(_generic_history(messages), _generic_prompt(fns, "auto", parallel))
     g = '%llguidance {}\nstart: "{\\"response\\": " reply "}"\nreply: %json {"type": "string"}\n'

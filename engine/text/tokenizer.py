@@ -91,7 +91,7 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer, tokens: list[str], attrs: list[int], spm: bool, *,
                  bos_id: int | None, eos_id: int | None, add_bos: bool, add_eos: bool,
                  add_space_prefix: bool, clean_spaces: bool, eog_ids: set[int],
-                 rstrip_ids: frozenset[int] = frozenset()) -> None:
+                 rstrip_ids: frozenset[int] = frozenset(), pad_id: int | None = None) -> None:
         self.hf = hf
         self._tokens = tokens
         self._attrs = attrs
@@ -101,7 +101,7 @@ class Tokenizer:
         self.bos_token = tokens[bos_id] if bos_id is not None else ""
         self.eos_token = tokens[eos_id] if eos_id is not None else ""
         self.add_bos, self.add_eos = add_bos, add_eos
-        self.pad_id: int | None = None
+        self.pad_id = pad_id  # only reported (GET /tokenizer_info); never added
         self.eog_ids = eog_ids
         self._add_space_prefix = add_space_prefix
         self._clean = clean_spaces
@@ -190,11 +190,9 @@ class Tokenizer:
                                for i in np.nonzero(a & (CONTROL | UNKNOWN))[0].tolist()])
         hf.add_tokens([AddedToken(tokens[i], special=False, normalized=False, rstrip=i in rstrip)
                        for i in np.nonzero((a & USER_DEFINED) & ~(a & (CONTROL | UNKNOWN)))[0].tolist()])
-        out = cls(hf, tokens, attrs, spm, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos,
-                  add_eos=add_eos, add_space_prefix=add_space_prefix, clean_spaces=clean, eog_ids=eog,
-                  rstrip_ids=frozenset(rstrip))
-        out.pad_id = key_id("padding", None)  # only reported (GET /tokenizer_info); never added
-        return out
+        return cls(hf, tokens, attrs, spm, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos,
+                   add_eos=add_eos, add_space_prefix=add_space_prefix, clean_spaces=clean, eog_ids=eog,
+                   rstrip_ids=frozenset(rstrip), pad_id=key_id("padding", None))
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """llama_tokenize: add_special adds BOS/EOS as the metadata says; parse_special lets

@@ -99,8 +99,10 @@ def decode_step(model, batch: int, cap: LC.Capture) -> None:
 
     kv = model.allocate_kv_cache(batch + 1, BLOCK)
     meta = AttentionMetadata(
-        slot_mapping=torch.arange(batch, dtype=torch.int64), block_tables=torch.zeros(batch, GRAPH_LEN // BLOCK, dtype=torch.int32),
-        seq_lens=torch.full((batch,), CONTEXT, dtype=torch.int32), cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32),
+        slot_mapping=torch.arange(batch, dtype=torch.int64),
+        block_tables=torch.zeros(batch, GRAPH_LEN // BLOCK, dtype=torch.int32),
+        seq_lens=torch.full((batch,), CONTEXT, dtype=torch.int32),
+        cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32),
         max_seqlen_q=1, max_seqlen_k=GRAPH_LEN, block_size=BLOCK)
     ids, pos = torch.ones(batch, dtype=torch.long), torch.full((batch,), CONTEXT - 1, dtype=torch.long)
     seqs = [Sequence(str(i), [1, 2, 3], SamplingParams(temperature=0), 16) for i in range(batch)]
@@ -165,22 +167,25 @@ def per_token(cap: LC.Capture) -> dict[str, int]:
     return counts
 
 
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, r)) + " |"
+                                                                             for r in rows]
+
+
 def markdown(records: list[KernelRecord], others: list[dict], tokens: dict[str, dict[str, int]]) -> str:
-    lines = [("| model | weights | type | N | K | M | kernel | launches/token | instr/weight | SHFL in loop | "
-              "widest weight load (B) | regs | spills | CTAs (132 SMs) | issue/bandwidth |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append(f"| {r.model} | {r.weights} | {r.ggml_type} | {r.N} | {r.K} | {r.M} | {r.kernel} | "
-                     f"{r.launches_per_token} | {r.instr_per_weight:.1f} | {r.shfl_in_loop} | {r.widest_load_bytes} | "
-                     f"{r.regs} | {r.spills} | {r.ctas} | {r.issue_bw_ratio:.1f} |")
-    lines += ["", "| model | phase | kernel | launches/token | CTAs | regs | spills | shared B |", "|---|---|---|---|---|---|---|---|"]
-    for o in others:
-        lines.append(f"| {o['model']} | {o['phase']} | {o['kernel']} | {o['launches']} | {o['ctas']} | {o['regs']} | "
-                     f"{o['spills']} | {o['shared']} |")
-    lines += ["", "| model | kernels per decoded token (M=1) | forward: Triton + torch | lm_head | sampler |", "|---|---|---|---|---|"]
-    for m, c in tokens.items():
-        lines.append(f"| {m} | {c['total']} | {c['forward_triton']} + {c['forward_torch']} | "
-                     f"{c['lm_head_triton'] + c['lm_head_torch']} | {c['sampler_triton'] + c['sampler_torch']} |")
+    lines = _table(["model", "weights", "type", "N", "K", "M", "kernel", "launches/token", "instr/weight",
+                    "SHFL in loop", "widest weight load (B)", "regs", "spills", "CTAs (132 SMs)", "issue/bandwidth"],
+                   [[r.model, r.weights, r.ggml_type, r.N, r.K, r.M, r.kernel, r.launches_per_token,
+                     f"{r.instr_per_weight:.1f}", r.shfl_in_loop, r.widest_load_bytes, r.regs, r.spills, r.ctas,
+                     f"{r.issue_bw_ratio:.1f}"] for r in records])
+    lines += [""] + _table(["model", "phase", "kernel", "launches/token", "CTAs", "regs", "spills", "shared B"],
+                           [[o["model"], o["phase"], o["kernel"], o["launches"], o["ctas"], o["regs"], o["spills"],
+                             o["shared"]] for o in others])
+    lines += [""] + _table(["model", "kernels per decoded token (M=1)", "forward: Triton + torch", "lm_head",
+                            "sampler"],
+                           [[m, c["total"], f"{c['forward_triton']} + {c['forward_torch']}",
+                             c["lm_head_triton"] + c["lm_head_torch"], c["sampler_triton"] + c["sampler_torch"]]
+                            for m, c in tokens.items()])
     return "\n".join(lines)
 
 

@@ -23,7 +23,9 @@ import triton
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
-_LD_GLOBAL = re.compile(r"ld\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bsuf](8|16|32|64)\s+(\{[^}]*\}|%\w+)\s*,\s*\[\s*(%\w+)")
+# ld.global[.qualifiers][.vN].<type><bits> {dst...}, [addr...]: vector width, element bits, address register
+_LD_GLOBAL = re.compile(r"ld\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bsuf](8|16|32|64)\s+"
+                        r"(\{[^}]*\}|%\w+)\s*,\s*\[\s*(%\w+)")
 _REG = re.compile(r"%\w+")
 
 

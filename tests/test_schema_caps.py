@@ -26,8 +26,8 @@ def accepts(smol, grammar: str, text: str) -> bool:
     return all(m.consume_token(t) for t in tok.encode(text, add_special=False)) and m.is_accepting()
 
 
-CITY = {"type": "object", "properties": {"pop": {"type": "integer"}, "area": {"type": "number"},
-                                         "extra": {}, "tags": {"type": "array", "items": {"type": ["integer", "null"]}}},
+CITY = {"type": "object", "properties": {"pop": {"type": "integer"}, "area": {"type": "number"}, "extra": {},
+                                         "tags": {"type": "array", "items": {"type": ["integer", "null"]}}},
         "required": ["pop", "area", "extra", "tags"]}
 
 

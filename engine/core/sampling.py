@@ -85,6 +85,21 @@ class SamplerOutput:
     errors: list[str | None]  # a grammar hook that raised: that request ends with "error"
 
 
+def greedy_token_ids(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B] int64: the greedy (temperature 0) pick, the first of tied maxima (torch.argmax).
+    The sampler's draw and the decode graph (engine/core/graph_runner.py) both call this."""
+    return logits.argmax(dim=-1)
+
+
+def is_plain_greedy(s: SamplingState) -> bool:
+    """The sampler would return greedy_token_ids of this row's raw logits and nothing else: greedy,
+    no logprobs, logit_bias, penalties, grammar or active min_tokens ban. The decode graph's argmax
+    then stands in for the sampler."""
+    p = s.params
+    return (p.temperature < _GREEDY_EPS and p.logprobs is None and not p.logit_bias and not _has_penalty(p)
+            and p.grammar is None and not _min_tokens_pending(s))
+
+
 def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[TokenLogprob]:
     """logprobs [N, V] (log-softmaxed), token_ids [N] -> each token's logprob and the top k."""
     chosen = logprobs.gather(1, token_ids.view(-1, 1).long()).squeeze(1).tolist()
@@ -157,7 +172,7 @@ class Sampler:
         batched: dict[Any, list[tuple[int, Any]]] = {}  # a grammar class's fill_masks -> its rows
         for i, s in enumerate(seqs):
             p = s.params
-            if p.min_tokens and len(s.token_ids) - len(s.prompt_token_ids) < p.min_tokens:
+            if _min_tokens_pending(s):
                 banned = list(self.eog_ids) + list(p.stop_token_ids)
                 if banned:
                     logits[i, banned] = float("-inf")
@@ -182,7 +197,7 @@ class Sampler:
 
     def _draw(self, logits: torch.Tensor, seqs: list[SamplingState]) -> torch.Tensor:
         params = [s.params for s in seqs]
-        tokens = logits.argmax(dim=-1)
+        tokens = greedy_token_ids(logits)
         rows = [i for i, p in enumerate(params) if p.temperature >= _GREEDY_EPS]
         if not rows:
             return tokens
@@ -208,6 +223,11 @@ class Sampler:
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _min_tokens_pending(s: SamplingState) -> bool:
+    p = s.params
+    return bool(p.min_tokens) and len(s.token_ids) - len(s.prompt_token_ids) < p.min_tokens
 
 
 def _counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:

@@ -136,6 +136,6 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.85  # CUDA: fraction of free memory after weights for the KV pool
     enable_prefix_caching: bool = True
     chat_template: str | None = None  # path overriding the model's template
-    cuda_graphs: bool = True
+    cuda_graphs: bool | str = True  # "auto" (= True) | "require" (capture failure raises) | "off" (= False)
     cpu_weights: str = "auto"  # CPU: "auto" (quantized C kernels) | "exact" (dense fp32 torch reference)
     threads: int = 0  # CPU kernel threads (llama.cpp's -t); 0: the cores torch sees

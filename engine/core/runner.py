@@ -4,8 +4,9 @@ The runner owns the KV tensors (one (k, v) pair per layer, [num_blocks, block_si
 For each step it packs the granted tokens of every sequence into one flat batch (ids, positions,
 KV slots, block tables, cached lengths, cu_seqlens: see kernels/metadata.py), runs the model once,
 computes logits only for the rows that sample (the last token of a sequence whose grant reaches
-its end), and hands them to the sampler. Decode-only steps on CUDA replay captured graphs
-(CudaGraphRunner below); CPU never touches that path.
+its end), and hands them to the sampler. Decode-only steps on CUDA replay captured graphs that also
+run lm_head and the greedy argmax (engine/core/graph_runner.py): a step whose sequences are all
+plain greedy then costs one packed copy in and one copy of the sampled ids back.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 
 from kernels import AttentionMetadata
 
+from .graph_runner import CudaGraphRunner, DecodeOutputs, capture_decode_graphs, graph_mode
 from .outputs import TokenLogprob
-from .sampling import Sampler, SamplerOutput, token_logprobs
+from .sampling import Sampler, SamplerOutput, is_plain_greedy, token_logprobs
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
@@ -27,10 +29,38 @@ log = logging.getLogger("llamatron.runner")
 
 
 @dataclass
+class StepMetadata:
+    """One step's flat batch on the host, as lists (see kernels/metadata.py for the meaning)."""
+
+    input_ids: list[int]  # [T]
+    positions: list[int]  # [T]
+    slot_mapping: list[int]  # [T]
+    block_tables: list[list[int]]  # [B] ragged: padded with block 0 when copied
+    seq_lens: list[int]  # [B]
+    cu_seqlens_q: list[int]  # [B + 1]
+
+    def to_device(self, device: torch.device, block_size: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                      AttentionMetadata]:
+        """(input_ids, positions, meta) for an eager forward."""
+        width = max(len(t) for t in self.block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in self.block_tables], dtype=torch.int32)
+        cu = self.cu_seqlens_q
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(self.slot_mapping, dtype=torch.int64, device=device),
+            block_tables=tables.to(device),
+            seq_lens=torch.tensor(self.seq_lens, dtype=torch.int32, device=device),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            max_seqlen_q=max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True)),
+            max_seqlen_k=max(self.seq_lens),
+            block_size=block_size,
+        )
+        return (torch.tensor(self.input_ids, dtype=torch.long, device=device),
+                torch.tensor(self.positions, dtype=torch.long, device=device), meta)
+
+
+@dataclass
 class FlatBatch:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    meta: AttentionMetadata
+    step: StepMetadata
     sample_rows: list[int]  # flat row of the last token of each sampling sequence
     sample_seqs: list[Sequence]
     prompt_rows: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # seq idx -> (row0, pos0, count)
@@ -44,7 +74,9 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int,
-                 sampler: Sampler, cuda_graphs: bool = True) -> None:
+                 sampler: Sampler, cuda_graphs: bool | str = True) -> None:
+        """`cuda_graphs`: "auto"/True (capture; run eagerly, with a warning, if that fails), "require"
+        (a capture failure raises GraphCaptureError: benchmarks and GPU checks), "off"/False."""
         self.model = model
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
@@ -52,13 +84,10 @@ class ModelRunner:
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
         self.sampler = sampler
         self.interrupt = threading.Event()  # set from another thread: the eager pass stops at its next layer
-        self.graphs = None
-        if cuda_graphs and self.device.type == "cuda":
-            try:
-                self.graphs = CudaGraphRunner(model, self.kv_caches, max_num_seqs, self.max_blocks_per_seq,
-                                              block_size, max_model_len)
-            except Exception as e:  # noqa: BLE001 - graphs are an optimization; eager always works
-                log.warning("CUDA graph capture failed, running eagerly: %s", e)
+        self.graphs: CudaGraphRunner | None = capture_decode_graphs(
+            graph_mode(cuda_graphs), self.device,
+            lambda: CudaGraphRunner(model, self.kv_caches, max_num_seqs, self.max_blocks_per_seq, block_size,
+                                    max_model_len))
 
     def prepare(self, sched: SchedulerOutput) -> FlatBatch:
         bs = self.block_size
@@ -67,7 +96,7 @@ class ModelRunner:
         slots: list[int] = []
         seq_lens, cu = [], [0]
         sample_rows, sample_seqs, prompt_rows = [], [], {}
-        for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
+        for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens, strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids += seq.token_ids[start:end]
             pos += range(start, end)
@@ -84,37 +113,32 @@ class ModelRunner:
                 last = min(end, seq.num_prompt_tokens - 1)
                 if last > first:
                     prompt_rows[i] = (cu[-2] + first - start, first, last - first)
-        width = max(len(s.block_table) for s in sched.seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in sched.seqs],
-                              dtype=torch.int32)  # one tensor per step, not one per sequence
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=tables.to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            max_seqlen_q=max(sched.num_new_tokens),
-            max_seqlen_k=max(seq_lens),
-            block_size=bs,
-        )
-        return FlatBatch(torch.tensor(ids, dtype=torch.long, device=dev),
-                         torch.tensor(pos, dtype=torch.long, device=dev), meta,
-                         sample_rows, sample_seqs, prompt_rows)
+        step = StepMetadata(ids, pos, slots, [s.block_table for s in sched.seqs], seq_lens, cu)
+        return FlatBatch(step, sample_rows, sample_seqs, prompt_rows)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         batch = self.prepare(sched)
+        rows, seqs = batch.sample_rows, batch.sample_seqs
         if self.graphs is not None and sched.is_decode_only and self.graphs.can_run(len(sched.seqs)):
-            hidden = self.graphs.run(batch.input_ids, batch.positions, batch.meta)
+            out: DecodeOutputs = self.graphs.run(batch.step)
+            self._all_prompt_logprobs(sched, batch, out.hidden)
+            if all(is_plain_greedy(s) for s in seqs):  # the graph's argmax is the sampler's answer
+                ids = self.graphs.sampled_ids(out, rows)
+                return RunnerOutput(seqs, SamplerOutput(ids, [None] * len(ids), [None] * len(ids)))
+            logits = _take_rows(out.logits, rows)
         else:
-            hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv_caches, self.interrupt)
+            hidden = self.model.forward(*batch.step.to_device(self.device, self.block_size), self.kv_caches,
+                                        self.interrupt)
+            self._all_prompt_logprobs(sched, batch, hidden)
+            if not seqs:
+                return RunnerOutput([], SamplerOutput([], [], []))
+            logits = self.model.compute_logits(_take_rows(hidden, rows))
+        return RunnerOutput(seqs, self.sampler(logits, seqs))
+
+    def _all_prompt_logprobs(self, sched: SchedulerOutput, batch: FlatBatch, hidden: torch.Tensor) -> None:
         for i, (row0, pos0, count) in batch.prompt_rows.items():
             self._prompt_logprobs(sched.seqs[i], hidden[row0 : row0 + count], pos0)
-        if not batch.sample_seqs:
-            return RunnerOutput([], SamplerOutput([], [], []))
-        rows = torch.tensor(batch.sample_rows, device=hidden.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
-        return RunnerOutput(batch.sample_seqs, self.sampler(logits, batch.sample_seqs))
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, pos0: int) -> None:
         """Logprobs of prompt tokens pos0+1 ... from the logits at positions pos0 ...; the first
@@ -127,64 +151,8 @@ class ModelRunner:
         seq.prompt_logprobs.extend(entries)
 
 
-class CudaGraphRunner:
-    """Decode-only steps (one token per sequence) replayed from CUDA graphs.
-
-    One graph per bucketed batch size, captured at start-up over static input buffers. A batch of B
-    sequences runs the smallest bucket >= B; rows B.. are padding: slot -1 (no KV write), seq_len 0
-    and q_len 0 (cu_seqlens stays at B), so the attention kernel skips them and their hidden rows
-    are never read. Requires graph-safe ops (the Triton backend: no host syncs, no allocation
-    that depends on data); max_seqlen_k is fixed at max_model_len for the capture.
-    """
-
-    def __init__(self, model, kv_caches, max_num_seqs: int, max_blocks: int, block_size: int,
-                 max_model_len: int) -> None:
-        self.model, self.kv_caches = model, kv_caches
-        dev = model.ops.device
-        self.buckets = sorted({b for b in (1, 2, 4, 8, *range(16, max_num_seqs + 1, 16)) if b <= max_num_seqs}
-                              | {max_num_seqs})
-        n = self.buckets[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.cu = torch.zeros(n + 1, dtype=torch.int32, device=dev)
-        self.max_model_len, self.block_size = max_model_len, block_size
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        pool = None
-        for b in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory pool
-            self.model.forward(self.input_ids[:b], self.positions[:b], self._meta(b), kv_caches)  # warm-up
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                out = self.model.forward(self.input_ids[:b], self.positions[:b], self._meta(b), kv_caches)
-            pool = g.pool()
-            self.graphs[b] = (g, out)
-        torch.cuda.synchronize()
-        log.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
-
-    def _meta(self, b: int) -> AttentionMetadata:
-        return AttentionMetadata(self.slots[:b], self.tables[:b], self.seq_lens[:b], self.cu[: b + 1],
-                                 max_seqlen_q=1, max_seqlen_k=self.max_model_len, block_size=self.block_size)
-
-    def can_run(self, num_seqs: int) -> bool:
-        return num_seqs <= self.buckets[-1]
-
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        B = input_ids.shape[0]
-        b = next(x for x in self.buckets if x >= B)
-        w = meta.block_tables.shape[1]
-        self.input_ids[:B].copy_(input_ids)
-        self.positions[:B].copy_(positions)
-        self.slots.fill_(-1)
-        self.slots[:B].copy_(meta.slot_mapping)
-        self.tables.zero_()
-        self.tables[:B, :w].copy_(meta.block_tables)
-        self.seq_lens.zero_()
-        self.seq_lens[:B].copy_(meta.seq_lens)
-        self.cu.fill_(B)
-        self.cu[: B + 1].copy_(meta.cu_seqlens_q)
-        g, out = self.graphs[b]
-        g.replay()
-        return out[:B]
+def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows]: a slice when the rows are 0..n-1 (every decode step), else one index copy."""
+    if rows == list(range(len(rows))):
+        return x[: len(rows)]
+    return x.index_select(0, torch.tensor(rows, device=x.device))

@@ -1,7 +1,8 @@
 """Benchmark paged attention against torch SDPA on the same data laid out dense (GPU only).
 
-Rows: decode at batch 1/8/64 x context 512/4096/16384 and one 2048-token prefill, with a
-Llama-8B-like head layout (32 query heads on 8 KV heads, head_dim 128, bf16). Decode is memory-bound:
+Rows, per head layout (default: the three shipped models' layouts, `--layouts 8b` a Llama-8B-like
+one of 32 query heads on 8 KV heads, head_dim 128): decode at batch 1/8/64 x context 512/4096 and
+one 2048-token prefill, bf16. Decode is memory-bound:
 each row prints the achieved GB/s of KV read and its fraction of the device's measured copy
 bandwidth; prefill prints TFLOP/s. `rows(device)` feeds scripts/bench_kernels.py; run alone to print.
 Goal (issue 4): decode within 1.5x of SDPA's flash backend, prefill within 2x.
@@ -16,8 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-NH, NKV, HD, BS = 32, 8, 128, 16
-DECODE = [(b, ctx) for b in (1, 8, 64) for ctx in (512, 4096, 16384)]
+BS = 16
+# name -> (query heads, KV heads, head_dim)
+LAYOUTS = {"smollm2": (9, 3, 64), "gemma3": (4, 1, 256), "qwen2.5": (14, 2, 64), "8b": (32, 8, 128)}
+DEFAULT_LAYOUTS = ("smollm2", "gemma3", "qwen2.5")
+DECODE = [(b, ctx) for b in (1, 8, 64) for ctx in (512, 4096)]
 PREFILL = 2048
 
 
@@ -37,7 +41,7 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def _paged(dense_k: torch.Tensor, dense_v: torch.Tensor, gen: torch.Generator):
     """Dense [B, L, nkv, hd] -> shuffled block cache + block table (the kernel's view of the same data)."""
-    B, L = dense_k.shape[:2]
+    B, L, NKV, HD = dense_k.shape
     nb = L // BS
     perm = torch.randperm(B * nb, device=dense_k.device, generator=gen)
     kc = torch.empty(B * nb, BS, NKV, HD, dtype=dense_k.dtype, device=dense_k.device)
@@ -66,10 +70,11 @@ def _sdpa(q, k, v, causal: bool):
     raise RuntimeError("no SDPA backend ran")
 
 
-def _case(device, B: int, ctx: int, q_len: int, bw: float, gen) -> dict:
+def _case(device, layout: str, B: int, ctx: int, q_len: int, bw: float, gen) -> dict:
     from kernels.attention import attention_workspace, paged_attention
     from kernels.metadata import AttentionMetadata
 
+    NH, NKV, HD = LAYOUTS[layout]
     dt = torch.bfloat16
     dk = torch.randn(B, ctx, NKV, HD, device=device, dtype=dt, generator=gen)
     dv = torch.randn(B, ctx, NKV, HD, device=device, dtype=dt, generator=gen)
@@ -91,7 +96,8 @@ def _case(device, B: int, ctx: int, q_len: int, bw: float, gen) -> dict:
     ref_ms = _time_ms(ref_fn)
     err = (out.view(B, q_len, NH, HD).transpose(1, 2).float() - ref_fn().float()).abs().max().item()
     kv_bytes = 2 * B * ctx * NKV * HD * kc.element_size()
-    row = dict(kernel="paged_attention", case=f"{'decode' if q_len == 1 else 'prefill'} b={B} ctx={ctx}",
+    row = dict(kernel=f"paged_attention {layout} {NH}/{NKV}x{HD}",
+               case=f"{'decode' if q_len == 1 else 'prefill'} b={B} ctx={ctx}",
                ms=round(ours, 4), ref=f"sdpa-{backend}", ref_ms=round(ref_ms, 4),
                vs_ref=round(ours / ref_ms, 2), max_abs_err=round(err, 4))
     if q_len == 1:
@@ -102,17 +108,18 @@ def _case(device, B: int, ctx: int, q_len: int, bw: float, gen) -> dict:
     return row
 
 
-def rows(device: torch.device | str = "cuda") -> list[dict]:
+def rows(device: torch.device | str = "cuda", layouts=DEFAULT_LAYOUTS) -> list[dict]:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return []
     gen = torch.Generator(device=device).manual_seed(0)
     bw = copy_bandwidth(device)
     out = []
-    for B, ctx in DECODE:
-        out.append(_case(device, B, ctx, 1, bw, gen))
-        torch.cuda.empty_cache()
-    out.append(_case(device, 1, PREFILL, PREFILL, bw, gen))
+    for layout in layouts:
+        for B, ctx in DECODE:
+            out.append(_case(device, layout, B, ctx, 1, bw, gen))
+            torch.cuda.empty_cache()
+        out.append(_case(device, layout, 1, PREFILL, PREFILL, bw, gen))
     for r in out:
         r["copy_gbps"] = round(bw, 1)
     return out
@@ -122,8 +129,13 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_attention: no CUDA device; nothing to measure")
         return 0
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS), help=f"comma list of: {', '.join(LAYOUTS)}")
+    args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}")
-    for r in rows("cuda"):
+    for r in rows("cuda", args.layouts.split(",")):
         print("  ".join(f"{k}={v}" for k, v in r.items()))
     return 0
 

@@ -97,11 +97,11 @@ def single_stream(loaded, args, decode_tokens: int = 128) -> dict[str, float]:
     decode = prefill = 0.0
     for k in range(3):
         ids = [(97 * (k + i) + 11) % vocab for i in range(16)]
-        dt = _timed(lambda: eng.generate([ids], SamplingParams(temperature=0, max_tokens=decode_tokens,
-                                                                ignore_eos=True)))
+        dt = _timed(lambda ids=ids: eng.generate([ids], SamplingParams(temperature=0, max_tokens=decode_tokens,
+                                                                        ignore_eos=True)))
         decode = max(decode, decode_tokens / dt)
         ids = [(31 * (k + i) + 7) % vocab for i in range(512)]
-        dt = _timed(lambda: eng.generate([ids], SamplingParams(temperature=0, max_tokens=1)))
+        dt = _timed(lambda ids=ids: eng.generate([ids], SamplingParams(temperature=0, max_tokens=1)))
         prefill = max(prefill, 512 / dt)
     kv = loaded.config.kv_bytes_per_token(loaded.ops.kv_dtype.itemsize) * (16 + decode_tokens / 2)
     return {"decode": decode, "prefill": prefill, "bytes_per_token": weight_bytes(loaded.model) + kv}
@@ -152,8 +152,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from engine.config import EngineConfig
     from engine.core.engine import LLMEngine
-    from engine.loading.loader import load_model
     from engine.core.sampling import SamplingParams
+    from engine.loading.loader import load_model
 
     prompts = make_prompts(args.num_prompts)
     cfg = EngineConfig(model=args.model, device=args.device, max_model_len=512, kv_cache_gib=0.5,

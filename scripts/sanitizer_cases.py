@@ -6,7 +6,11 @@
     TRITON_INTERPRET=1 python3 scripts/sanitizer_cases.py --all --device cpu     # the same on CPU
 
 Shapes are small and ragged on purpose (row counts not a multiple of the tile, 37-token sequences,
-padding slots of -1, 3 query heads per KV head) so that every mask and tail path runs once. Each
+padding slots of -1, 3 query heads per KV head) so that every mask and tail path runs once;
+`qmatmul_real_k` runs the shipped models' real row lengths (K = 576/640/896 for the 32-weight
+types, whose rows are then not 16-byte multiples: Q4_1 at 576 is 360 B, Q5_0 at 896 is 616 B;
+K = 2048/4864 for the K-quants: Q6_K at 4864 is 3990 B) at M = 1, 8 and 40. Matrices go through
+the backend as the engine uses it (`prepare_weight` at load, then `linear`). Each
 case also checks its result against kernels/reference.py, loosely: the sanitizer hunts memory
 errors, and a wrong answer from a clean run is worth knowing too. Run with
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that an out-of-bounds access is not hidden inside a pooled block.
@@ -74,29 +78,58 @@ def dequant(dev: torch.device) -> str:
     return "dequantize: 13 types, 11x512"
 
 
-def _qmm(dev: torch.device, M: int, kernel: str, split: int | None) -> str:
-    from kernels import qmatmul as Q
+def _linear(dev: torch.device, t: int, N: int, K: int, M: int, bias: bool = False) -> None:
+    """x [M, K] @ W^T through TritonOps.prepare_weight + linear, against the torch reference."""
     from kernels.reference import qmatmul as ref
+    from kernels.triton_backend import TritonOps
 
-    dt = _act_dtype(dev)
+    ops = TritonOps(dev)
+    q = _quant(t, N, K, dev)
+    w = ops.prepare_weight(q)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M + K)).to(dev, _act_dtype(dev))
+    b = torch.randn(N, generator=torch.Generator().manual_seed(N)).to(dev) if bias else None
+    got = ops.linear(x, w, b)
+    want = ref(x.cpu().float(), q.to("cpu"))
+    if b is not None:
+        want = want + b.cpu()
+    _close(got.cpu(), want.to(got.dtype), 3e-2, f"linear {q.name} N={N} K={K} M={M}{' +bias' if bias else ''}")
+
+
+def _qmm(dev: torch.device, M: int) -> str:
     for t in _types(TYPES):
-        w = _quant(t, 37, 512, dev)  # 37 output rows: ragged against every block_n
-        x = torch.randn(M, 512, generator=torch.Generator().manual_seed(M)).to(dev, dt)
-        cfg = Q.choose(M, 37, 512, t, (9, 0))
-        assert cfg.kernel == kernel, f"expected the {kernel} path for M={M}, the dispatcher chose {cfg}"
-        got = Q.qmatmul(x, w, split=split)
-        _close(got.cpu(), ref(x.cpu().float(), w.to("cpu")).to(got.dtype), 3e-2, f"qmatmul {w.name} M={M}")
-    return f"qmatmul {kernel}: M={M} N=37 K=512, {TYPES}"
+        _linear(dev, t, 37, 512, M)  # 37 output rows: ragged against every block_n
+    return f"linear: M={M} N=37 K=512, {TYPES}"
 
 
 @case
 def qmatmul_gemv(dev: torch.device) -> str:
-    return _qmm(dev, 3, "gemv", split=2) + ", split-K 2 + reduce"  # split forces the partials + reduce kernel
+    return _qmm(dev, 3)
 
 
 @case
 def qmatmul_tiled(dev: torch.device) -> str:
-    return _qmm(dev, 40, "mm", split=None)
+    return _qmm(dev, 40)
+
+
+# (type, K) of the shipped models' matrices: rows that are not 16-byte multiples
+REAL_K = [("Q4_1", 576), ("Q8_0", 576), ("Q5_0", 640), ("Q8_0", 640), ("Q5_0", 896), ("Q8_0", 896),
+          ("Q4_K", 2048), ("Q6_K", 2048), ("Q4_K", 4864), ("Q6_K", 4864)]
+
+
+@case
+def qmatmul_real_k(dev: torch.device) -> str:
+    from kernels import quant_layouts as L
+
+    # under the interpreter (CPU): the unaligned 32-weight rows at M = 1 and 8 only (seconds, not minutes)
+    cases = REAL_K if dev.type == "cuda" else [c for c in REAL_K if c[1] < 1000]
+    ms = (1, 8, 40) if dev.type == "cuda" else (1, 8)
+    for name, K in cases:
+        t = _types(name)[0]
+        for M in ms:
+            _linear(dev, t, 37, K, M, bias=(M == 8))  # qwen's QKV carries a bias: the epilogue path
+    unaligned = [f"{n}@{k} ({L.row_bytes(_types(n)[0], k)} B)" for n, k in cases
+                 if L.row_bytes(_types(n)[0], k) % 16]
+    return f"linear at the real K, M={ms}, N=37: unaligned rows {', '.join(unaligned)}"
 
 
 def _cache(dev: torch.device, nkv: int = 2, hd: int = 64, blocks: int = 80) -> tuple[torch.Tensor, torch.Tensor]:

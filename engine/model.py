@@ -171,12 +171,9 @@ class Model:
         q = q.view(T, cfg.n_heads, cfg.head_dim)
         k = k.view(T, cfg.n_kv_heads, cfg.head_dim)
         v = v.view(T, cfg.n_kv_heads, cfg.head_dim)
-        if layer.q_norm is not None:
-            q, _ = ops.rms_norm(q, layer.q_norm, cfg.rms_eps)
-            k, _ = ops.rms_norm(k, layer.k_norm, cfg.rms_eps)
         window = cfg.layer_window(i)
-        q, k = ops.rope(q, k, positions, self.rope_local if window else self.rope_global, cfg.rope_neox)
-        ops.store_kv(k, v, kv[0], kv[1], meta.slot_mapping)
+        q = ops.rope_store_kv(q, k, v, positions, self.rope_local if window else self.rope_global, cfg.rope_neox,
+                              kv[0], kv[1], meta.slot_mapping, layer.q_norm, layer.k_norm, cfg.rms_eps)
         o = ops.paged_attention(q, kv[0], kv[1], meta, cfg.scale, window, cfg.attn_softcap)
         return ops.linear(o.reshape(T, cfg.n_heads * cfg.head_dim), layer.wo)
 

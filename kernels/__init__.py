@@ -46,6 +46,11 @@ class Ops(Protocol):
     def store_kv(
         self, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor
     ) -> None: ...
+    def rope_store_kv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+        neox: bool, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor,
+        q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 0.0,
+    ) -> torch.Tensor: ...  # norm (optional) + rope of q and k, k/v into the cache; returns q
     def paged_attention(
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata,
         scale: float, sliding_window: int = 0, softcap: float = 0.0,

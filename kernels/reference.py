@@ -20,7 +20,7 @@ from .ref_quant import dequantize
 
 __all__ = [
     "dequantize", "qmatmul", "linear", "embedding", "rms_norm", "rope", "silu_mul", "gelu_tanh_mul",
-    "store_kv", "paged_attention", "rope_cache",
+    "store_kv", "rope_store_kv", "paged_attention", "rope_cache",
 ]
 
 
@@ -96,6 +96,23 @@ def store_kv(
     nb, bs = k_cache.shape[:2]
     k_cache.view(nb * bs, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(nb * bs, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def rope_store_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, neox: bool,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 0.0,
+) -> torch.Tensor:
+    """The attention prologue: per-head RMSNorm of q and of k where a weight is given (each rounded to the
+    input dtype), RoPE of both, the rotated k and v stored at `slot_mapping` (-1: padding, skipped).
+    Returns the rotated q; the inputs are not modified."""
+    if q_norm is not None:
+        q, _ = rms_norm(q, q_norm, eps)
+    if k_norm is not None:
+        k, _ = rms_norm(k, k_norm, eps)
+    q, k = rope(q, k, positions, cos_sin, neox)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 def paged_attention(

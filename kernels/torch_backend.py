@@ -48,6 +48,9 @@ class TorchOps:
     def store_kv(self, k, v, kc, vc, slots) -> None:
         ref.store_kv(k, v, kc, vc, slots)
 
+    def rope_store_kv(self, q, k, v, positions, cos_sin, neox, kc, vc, slots, q_norm=None, k_norm=None, eps=0.0):
+        return ref.rope_store_kv(q, k, v, positions, cos_sin, neox, kc, vc, slots, q_norm, k_norm, eps)
+
     def paged_attention(
         self, q, kc, vc, meta: AttentionMetadata, scale: float, sliding_window: int = 0, softcap: float = 0.0
     ) -> torch.Tensor:

@@ -71,6 +71,11 @@ class TritonOps:
 
         store_kv(k, v, kc, vc, slots)
 
+    def rope_store_kv(self, q, k, v, positions, cos_sin, neox, kc, vc, slots, q_norm=None, k_norm=None, eps=0.0):
+        from .rope import rope_store_kv
+
+        return rope_store_kv(q, k, v, positions, cos_sin, neox, kc, vc, slots, q_norm, k_norm, eps)
+
     def paged_attention(
         self, q, kc, vc, meta: AttentionMetadata, scale: float, sliding_window: int = 0, softcap: float = 0.0
     ) -> torch.Tensor:

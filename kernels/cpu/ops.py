@@ -148,6 +148,20 @@ class CpuOps:
         self.lib.lt_store_kv(k.data_ptr(), v.data_ptr(), kc.data_ptr(), vc.data_ptr(), slots.data_ptr(), T,
                              k.stride(0), v.stride(0), nkv * hd)
 
+    def rope_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                      cos_sin: torch.Tensor, neox: bool, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor,
+                      q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                      eps: float = 0.0) -> torch.Tensor:
+        """The C ops composed: norms into new tensors, RoPE in place (on q/k themselves when there is no
+        norm: views of the fused QKV output, as before), then the KV store."""
+        if q_norm is not None:
+            q, _ = self.rms_norm(q, q_norm, eps)
+        if k_norm is not None:
+            k, _ = self.rms_norm(k, k_norm, eps)
+        q, k = self.rope(q, k, positions, cos_sin, neox)
+        self.store_kv(k, v, kc, vc, slots)
+        return q
+
     def paged_attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata,
                         scale: float, sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         T, nh, hd = q.shape

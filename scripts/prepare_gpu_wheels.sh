@@ -14,21 +14,20 @@
 # Models: a GGUF file is 98-491 MB and a device call carries at most 64 MiB, so by default this
 # also writes wheels/models/NAME.head (the file's header: metadata, tokenizer, tensor table, up to
 # the data offset; 2-7 MB) and NAME.json (size, sha256). gpu_check.sh turns each into a stand-in
-# file of the same size whose weights are all zero: same shapes, same quant types, same bytes read
-# per token, so speed is measured truly while the text is meaningless. --no-models skips this.
+# file of the same size with random blocks of each tensor's type (scripts/gpu_standin.py): same
+# shapes, quant types and bytes read per token, so speed is measured truly and logits can be
+# compared with the CPU reference, while the text is meaningless. --no-models skips this.
 #
-# A real model file can still be carried in pieces, one device call each, while the machine stays
-# warm: --split NAME writes out/pieces/p00/, p01/, ... (40 MiB each, in the ignored out/ so that
-# carrying wheels/ does not take them along; see gpu_check.sh's header).
+# Last, the size of what a device call would carry (the working tree that travels plus DEST) is
+# checked against the tool's 64 MiB: over it, the script fails.
 #
-# Usage: scripts/prepare_gpu_wheels.sh [--no-models] [--split NAME] [--dest DIR]   (then carry ["wheels"])
+# Usage: scripts/prepare_gpu_wheels.sh [--no-models] [--dest DIR]   (then carry ["wheels"])
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 DEST=wheels
 MODELS=1
-SPLIT=""
 PY_VERSIONS=${PY_VERSIONS:-3.12}
 VENV_PY=${VENV_PY:-.venv/bin/python}
 LLAMATRON_HOME=${LLAMATRON_HOME:-$HOME/.cache/llamatron}
@@ -38,8 +37,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --no-models) MODELS=0 ;;
         --dest) DEST=$2; shift ;;
-        --split) SPLIT=$2; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -112,17 +110,14 @@ print(f"model {os.path.basename(src)}: header {offset / 1e6:.1f} MB of {meta['si
 EOF
     done
 fi
-if [ -n "$SPLIT" ]; then
-    f="$LLAMATRON_HOME/$SPLIT.gguf"
-    [ -f "$f" ] || { echo "no $f to split" >&2; exit 1; }
-    PIECES=out/pieces
-    rm -rf "$PIECES" && mkdir -p "$PIECES"
-    split -b 40M -d -a 2 "$f" "$PIECES/$SPLIT.gguf.part"
-    for part in "$PIECES/$SPLIT.gguf.part"[0-9][0-9]; do
-        n=${part##*.part}
-        mkdir -p "$PIECES/p$n" && mv "$part" "$PIECES/p$n/"
-        echo "piece $n: run(command=\"bash scripts/gpu_check.sh --receive $PIECES/p$n\", carry=[\"$PIECES/p$n\"])"
-    done
+# What travels: tracked and untracked-not-ignored files, plus the carried folder.
+TREE=$(git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null \
+       | awk '{s += $1} END {print s + 0}')
+CARRY=$(du -sb "$DEST" | cut -f1)
+TOTAL=$((TREE + CARRY))
+echo "carry: working tree $((TREE >> 20)) MiB + $DEST $((CARRY >> 20)) MiB = $((TOTAL >> 20)) MiB of 64 MiB"
+if [ "$TOTAL" -gt $((64 << 20)) ]; then
+    echo "over the device tool's 64 MiB: carry less (--no-models drops the model headers)" >&2
+    exit 1
 fi
-du -sh "$DEST"
-echo "carry [\"$DEST\"] in the device call (64 MiB in all, the working tree included)"
+echo "carry [\"$DEST\"] in the device call: run(command=\"bash scripts/gpu_check.sh\", carry=[\"$DEST\"], timeout_s=480)"

@@ -8,9 +8,15 @@ Grid (T * GROUP // BLOCK_M + num_seqs, nkv, splits): an upper bound on the tiles
 whatever their lengths, so it depends only on shapes (CUDA-graph safe); each program finds its sequence
 by binary search over cu_seqlens_q (tiles of b start at cu[b] * GROUP // BLOCK_M + b) and returns if
 its tile is empty. Key tiles of BLOCK_N gather block ids from the block table, so a tile may cross
-blocks. Split-KV cuts each key range into NUM_SPLITS chunks
-that write fp32 partials + log2-sum-exp to a workspace; `_reduce_kernel` merges them (one writer each).
-Host ints (max_seqlen_q/k) only pick configs; results never depend on them.
+blocks.
+
+Split-KV (decode batches too small to fill the GPU): the grid's split count is sized from host ints to
+fill the SMs at the longest context (`choose_splits`); each tile then uses only `n_split` of them, from
+its own key count (no fewer than MIN_SPLIT_KEYS keys per split, and about sqrt(keys x rows) / 2 so the
+merge stays cheap next to the splits), and the others return at once. The splits write fp32 partials +
+log2-sum-exp to a workspace and bump the tile's arrival counter (kernels/workspace.py); the last one to
+arrive merges the partials in split order (deterministic, one writer per output element) and zeroes the
+counter: no reduce launch. Host ints (max_seqlen_q/k) only pick configs; results never depend on them.
 """
 
 from __future__ import annotations
@@ -22,14 +28,17 @@ import triton
 import triton.language as tl
 
 from .metadata import AttentionMetadata
+from .workspace import counters
 
 __all__ = ["store_kv", "paged_attention", "AttentionWorkspace", "attention_workspace", "AttnConfig", "pick_config",
            "choose_splits", "dispatch_space"]
 
 LOG2E = 1.4426950408889634
 _LOG2E_K = tl.constexpr(1.4426950408889634)
-MAX_SPLITS = 16
-KEYS_PER_SPLIT = 256  # fewer keys than this per split and the reduce costs more than it saves
+MAX_SPLITS = 128  # one KV head at batch 1 fills ~all of an H100's 132 SMs
+MIN_SPLIT_KEYS = 64  # fewer keys than this per split and the merge costs more than the split saves
+_MIN_SPLIT_KEYS_K = tl.constexpr(MIN_SPLIT_KEYS)
+COMBINE_ELEMS = 2048  # partial elements the merging program loads at once (CHUNK splits x padded head dim)
 
 
 @triton.jit
@@ -68,13 +77,14 @@ def _locate(cu_ptr, num_seqs, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _attn_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, wo_ptr, wl_ptr, cu_ptr, len_ptr, bt_ptr, num_seqs,
-                 scale_log2, softcap, window, s_qt, s_qh, s_ot, s_oh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
+def _attn_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, wo_ptr, wl_ptr, cnt_ptr, cu_ptr, len_ptr, bt_ptr, num_seqs,
+                 num_splits, scale_log2, softcap, window, s_qt, s_qh, s_ot, s_oh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
                  s_bt, s_wos, s_wot, s_woh, s_wls, s_wlt,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HD_P: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 NUM_SPLITS: tl.constexpr, SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr,
-                 USE_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+                 SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr,
+                 USE_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, SPLITS_P: tl.constexpr,
+                 COMBINE_CHUNK: tl.constexpr):
     b, q_tile = _locate(cu_ptr, num_seqs, GROUP, BLOCK_M)
     q_start = tl.load(cu_ptr + b)
     q_len = tl.load(cu_ptr + b + 1) - q_start
@@ -103,8 +113,18 @@ def _attn_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, wo_ptr, wl_ptr, cu_ptr, len_ptr
         k_first = tl.maximum(ctx + f0 // GROUP - window + 1, 0)
     k_lo = (k_first // BLOCK_N) * BLOCK_N
     k_hi = k_end
+    n_split = k_lo * 0 + 1  # splits this tile really uses (<= num_splits, from its own key count)
     if SPLIT:
-        per = tl.cdiv(tl.cdiv(k_end - k_lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
+        n_tiles = tl.cdiv(k_end - k_lo, BLOCK_N)
+        rows = tl.minimum(BLOCK_M, q_len * GROUP - f0)
+        # Keys per split: enough that the partials the last program reads (n_split x rows) stay small next
+        # to the keys each split reads (sqrt(keys x rows) / 2 balances the two), and MIN_SPLIT_KEYS at least.
+        kps = tl.maximum(tl.sqrt(((k_end - k_lo) * rows).to(tl.float32)).to(tl.int32) // 2, _MIN_SPLIT_KEYS_K)
+        per_tiles = tl.maximum(tl.cdiv(n_tiles, num_splits), tl.cdiv(kps, BLOCK_N))
+        n_split = tl.maximum(tl.cdiv(n_tiles, per_tiles), 1)
+        if tl.program_id(2) >= n_split:
+            return  # short context: this split has no keys (and is not counted)
+        per = per_tiles * BLOCK_N
         k_lo = k_lo + tl.program_id(2) * per
         k_hi = tl.minimum(k_end, k_lo + per)
 
@@ -143,47 +163,55 @@ def _attn_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, wo_ptr, wl_ptr, cu_ptr, len_ptr
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     o_mask = row_ok[:, None] & d_ok[None, :]
-    if SPLIT:
+    if not SPLIT:
+        tl.store(out_ptr + t[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    elif n_split == 1:  # a short context: one split did it all
+        tl.store(out_ptr + t[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        # Partials, then the arrival counter of this (tile, KV head); the last split to arrive merges.
         sp = tl.program_id(2).to(tl.int64)
         tl.store(wo_ptr + sp * s_wos + t[:, None] * s_wot + head[:, None] * s_woh + offs_d[None, :], o, mask=o_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(wl_ptr + sp * s_wls + t * s_wlt + head, lse, mask=row_ok)
-    else:
-        tl.store(out_ptr + t[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=o_mask)
+        tl.debug_barrier()  # every thread's partial stores precede the counter's release
+        cnt = cnt_ptr + tl.program_id(0).to(tl.int64) * tl.num_programs(1) + kvh
+        if tl.atomic_add(cnt, 1, sem="acq_rel") == n_split - 1:
+            _combine(wo_ptr, wl_ptr, out_ptr, q_start, f0, tl.minimum(BLOCK_M, q_len * GROUP - f0), kvh, n_split,
+                     s_wos, s_wot, s_woh, s_wls, s_wlt, s_ot, s_oh, GROUP, HEAD_DIM, HD_P, SPLITS_P, COMBINE_CHUNK)
+            tl.store(cnt, 0)  # zero again for the next kernel that uses the counters
 
 
 @triton.jit
-def _reduce_kernel(wo_ptr, wl_ptr, out_ptr, cu_ptr, num_seqs, s_wos, s_wot, s_woh, s_wls, s_wlt, s_ot, s_oh,
-                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HD_P: tl.constexpr, BLOCK_M: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr):
-    # Same grid and tiles as _attn_kernel (splits axis dropped): merge partials by their log2-sum-exp.
-    b, q_tile = _locate(cu_ptr, num_seqs, GROUP, BLOCK_M)
-    q_start = tl.load(cu_ptr + b)
-    q_len = tl.load(cu_ptr + b + 1) - q_start
-    f = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    if q_tile * BLOCK_M >= q_len * GROUP:
-        return
-    row_ok = f < q_len * GROUP
-    head = tl.program_id(1) * GROUP + f % GROUP
-    t = (q_start + f // GROUP).to(tl.int64)
+def _combine(wo_ptr, wl_ptr, out_ptr, q_start, f0, rows, kvh, n_split, s_wos, s_wot, s_woh, s_wls, s_wlt, s_ot,
+             s_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HD_P: tl.constexpr, SPLITS_P: tl.constexpr,
+             CHUNK: tl.constexpr):
+    """Merge the n_split partials of each of a tile's rows by their log2-sum-exp, in split order
+    (deterministic); CHUNK splits' partials are loaded at once (loads in flight), bypassing L1 (.cg):
+    other SMs wrote them."""
     offs_d = tl.arange(0, HD_P)
-    o_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for sp in range(NUM_SPLITS):
-        m = tl.maximum(m, tl.load(wl_ptr + sp * s_wls + t * s_wlt + head, mask=row_ok, other=float("-inf")))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([BLOCK_M, HD_P], tl.float32)
-    wsum = tl.zeros([BLOCK_M], tl.float32)
-    for sp in range(NUM_SPLITS):
-        w = tl.exp2(tl.load(wl_ptr + sp * s_wls + t * s_wlt + head, mask=row_ok, other=float("-inf")) - m)
-        part = tl.load(wo_ptr + sp * s_wos + t[:, None] * s_wot + head[:, None] * s_woh + offs_d[None, :],
-                       mask=o_mask & (w > 0)[:, None], other=0.0)  # an empty split's partial is never read
-        acc += w[:, None] * part
-        wsum += w
-    o = acc / tl.where(wsum > 0, wsum, 1.0)[:, None]
-    tl.store(out_ptr + t[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    d_ok = offs_d < HEAD_DIM
+    all_s = tl.arange(0, SPLITS_P)
+    for r in range(rows):
+        f = f0 + r
+        t = (q_start + f // GROUP).to(tl.int64)
+        head = kvh * GROUP + f % GROUP
+        lrow = wl_ptr + t * s_wlt + head
+        m = tl.max(tl.load(lrow + all_s * s_wls, mask=all_s < n_split, other=float("-inf"), cache_modifier=".cg"), 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        acc = tl.zeros([HD_P], tl.float32)
+        wsum = tl.zeros([CHUNK], tl.float32)
+        for s0 in range(0, n_split, CHUNK):
+            sp = s0 + tl.arange(0, CHUNK)
+            w = tl.exp2(tl.load(lrow + sp * s_wls, mask=sp < n_split, other=float("-inf"), cache_modifier=".cg") - m)
+            part = tl.load(wo_ptr + sp.to(tl.int64)[:, None] * s_wos + t * s_wot + head * s_woh + offs_d[None, :],
+                           mask=(w > 0)[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+            acc += tl.sum(w[:, None] * part, 0)  # an empty split's partial (weight 0) is never read
+            wsum += w
+        ws = tl.sum(wsum, 0)
+        o = acc / tl.where(ws > 0, ws, 1.0)
+        tl.store(out_ptr + t * s_ot + head * s_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -238,18 +266,20 @@ def pick_config(head_dim: int, group: int, max_seqlen_q: int, elem_bytes: int = 
 def dispatch_space() -> list[tuple[str, str, dict, int, int]]:
     """Every (kernel, cache dtype, constexprs, num_warps, num_stages) the dispatch below can launch on a GPU
     (for the sm_90 compile test). GROUP and BLOCK_SIZE values only change index arithmetic; flags are all
-    on; fp32 configs are the same at every head dim, so only hd 256 (the most shared memory) is listed."""
+    on; split counts are a runtime argument except for their power-of-two padding (SPLITS_P, which with the
+    head dim sets COMBINE_CHUNK): every padding up to MAX_SPLITS is listed. fp32 configs are the same at
+    every head dim, so only hd 256 (the most shared memory) is listed."""
     out = []
+    split_ps = [1 << i for i in range(1, (MAX_SPLITS - 1).bit_length() + 1)]
     for dtype, hds in (("bf16", HEAD_DIMS_PADDED), ("fp32", (256,))):
         for hd_p in hds:
-            for msq, splits in ((1, 1), (1, 8), (512, 1)):
+            for msq, splits_p in [(1, 1), *((1, sp) for sp in split_ps), (512, 1)]:
                 c = pick_config(hd_p, 1, msq, 4 if dtype == "fp32" else 2)
-                common = dict(GROUP=7, HEAD_DIM=hd_p - 16 if hd_p > 32 else hd_p, HD_P=hd_p, BLOCK_M=c.block_m)
                 out.append(("_attn_kernel", dtype, dict(
-                    common, BLOCK_N=c.block_n, BLOCK_SIZE=16, NUM_SPLITS=splits, SPLIT=splits > 1, USE_WINDOW=True,
-                    USE_SOFTCAP=True, DOT_PREC="tf32x3" if dtype == "fp32" else "tf32"), c.num_warps, c.num_stages))
-                if splits > 1:
-                    out.append(("_reduce_kernel", dtype, dict(common, NUM_SPLITS=splits), 4, 1))  # as launched
+                    GROUP=7, HEAD_DIM=hd_p - 16 if hd_p > 32 else hd_p, HD_P=hd_p, BLOCK_M=c.block_m,
+                    BLOCK_N=c.block_n, BLOCK_SIZE=16, SPLIT=splits_p > 1, USE_WINDOW=True, USE_SOFTCAP=True,
+                    DOT_PREC="tf32x3" if dtype == "fp32" else "tf32", SPLITS_P=splits_p,
+                    COMBINE_CHUNK=combine_chunk(splits_p, hd_p)), c.num_warps, c.num_stages))
     return out
 
 
@@ -279,10 +309,16 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_splits(programs: int, max_seqlen_k: int, sm_count: int, limit: int) -> int:
-    """Split the keys only while the grid leaves SMs idle and each split keeps KEYS_PER_SPLIT keys."""
+    """Grid splits: enough (tile, KV head, split) programs to fill the SMs at the longest context the call
+    (or captured graph) serves, MIN_SPLIT_KEYS keys each at least. Each tile then uses only the splits its
+    own key count warrants (the kernel's `n_split`); the rest of the grid returns at once."""
     if programs >= sm_count:
         return 1
-    return max(1, min(limit, triton.cdiv(2 * sm_count, programs), triton.cdiv(max_seqlen_k, KEYS_PER_SPLIT)))
+    return max(1, min(limit, triton.cdiv(sm_count, programs), triton.cdiv(max_seqlen_k, MIN_SPLIT_KEYS)))
+
+
+def combine_chunk(num_splits: int, hd_p: int) -> int:
+    return max(1, min(triton.next_power_of_2(num_splits), COMBINE_ELEMS // hd_p))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -314,19 +350,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if split and (workspace is None or workspace.out.shape[1] < T or workspace.num_splits < num_splits):
         workspace = attention_workspace(T, nh, hd, q.device, num_splits)
     wo, wl = (workspace.out, workspace.lse) if split else (out, out)
-    common = dict(GROUP=group, HEAD_DIM=hd, HD_P=head_dim_padded(hd), BLOCK_M=cfg.block_m)
+    hd_p = head_dim_padded(hd)
+    cnt = counters(q.device, tiles * nkv) if split else meta.seq_lens
     _attn_kernel[(tiles, nkv, num_splits)](
-        q, k_cache, v_cache, out, wo, wl, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, B,
-        scale * LOG2E, float(softcap), int(sliding_window), q.stride(0), q.stride(1), out.stride(0),
+        q, k_cache, v_cache, out, wo, wl, cnt, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, B,
+        num_splits, scale * LOG2E, float(softcap), int(sliding_window), q.stride(0), q.stride(1), out.stride(0),
         out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
         v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0), wo.stride(0), wo.stride(1),
-        wo.stride(2), wl.stride(0), wl.stride(1), **common, BLOCK_N=cfg.block_n, BLOCK_SIZE=bs,
-        NUM_SPLITS=num_splits, SPLIT=split, USE_WINDOW=sliding_window > 0, USE_SOFTCAP=softcap > 0,
-        DOT_PREC="tf32x3" if k_cache.dtype == torch.float32 else "tf32",
+        wo.stride(2), wl.stride(0), wl.stride(1), GROUP=group, HEAD_DIM=hd, HD_P=hd_p, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_SIZE=bs, SPLIT=split, USE_WINDOW=sliding_window > 0,
+        USE_SOFTCAP=softcap > 0, DOT_PREC="tf32x3" if k_cache.dtype == torch.float32 else "tf32",
+        SPLITS_P=triton.next_power_of_2(num_splits), COMBINE_CHUNK=combine_chunk(num_splits, hd_p),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split:
-        _reduce_kernel[(tiles, nkv)](
-            wo, wl, out, meta.cu_seqlens_q, B, wo.stride(0), wo.stride(1), wo.stride(2), wl.stride(0),
-            wl.stride(1), out.stride(0), out.stride(1), **common, NUM_SPLITS=num_splits, num_warps=4,
-            num_stages=1)
     return out

@@ -17,6 +17,7 @@ import torch
 from kernels import reference as ref
 from kernels.attention import attention_workspace, paged_attention, store_kv
 from kernels.metadata import AttentionMetadata
+from kernels.workspace import counters
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 NAN = float("nan")
@@ -61,7 +62,7 @@ def make_batch(specs, nh, nkv, hd, dtype=torch.float32, bs=16, pad_rows=0, seed=
 
 
 def run_both(specs, nh, nkv, hd, *, dtype=torch.float32, pad_rows=0, window=0, softcap=0.0,
-             num_splits=None, workspace=False, seed=0, scale=None):
+             num_splits=None, workspace=False, seed=0, scale=None, merged=False):
     q, k, v, kc, vc, meta = make_batch(specs, nh, nkv, hd, dtype, pad_rows=pad_rows, seed=seed)
     scale = scale if scale is not None else hd ** -0.5
     kc_ref, vc_ref = kc.clone(), vc.clone()
@@ -81,6 +82,9 @@ def run_both(specs, nh, nkv, hd, *, dtype=torch.float32, pad_rows=0, window=0, s
     tol = dict(rtol=1e-2, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got, want, equal_nan=True, **tol)  # padded rows stay NaN in both
     assert torch.isfinite(got[: int(meta.cu_seqlens_q[-1])]).all()
+    assert not counters(q.device, 1 << 16).any(), "an arrival counter was left non-zero"
+    if merged:  # some tile really used more than one split (its partials were merged by the last one)
+        assert ws is not None and not torch.isnan(ws.lse[1]).all()
     return got
 
 
@@ -150,14 +154,17 @@ def test_auto_split_choice_is_graph_safe():
 
     assert choose_splits(1 * 8, 16384, 132, 16) == 16
     assert choose_splits(64 * 8, 16384, 132, 16) == 1  # grid already fills the GPU
-    assert choose_splits(8, 300, 132, 16) == 2  # short contexts: few splits
-    q, k, v, kc, vc, meta = make_batch([(40, 1), (3, 1)], 8, 2, 64)
+    assert choose_splits(8, 300, 132, 16) == 5  # short contexts: MIN_SPLIT_KEYS per split
+    # batch 1 of the 1-3 KV-head models fills the 132 SMs at long contexts (qwen2.5 2, smollm2 3, gemma3 1)
+    assert [n * choose_splits(n, 16384, 132, 128) for n in (2, 3, 1)] == [132, 132, 128]
+    q, k, v, kc, vc, meta = make_batch([(400, 1), (3, 1)], 8, 2, 64)
     store_kv(k, v, kc, vc, meta.slot_mapping)
     meta.max_seqlen_k = 4096  # as a runner capturing a graph for long contexts would pass
     ws = attention_workspace(4, 8, 64, DEV, num_splits=4)
     ws.lse.fill_(NAN)
     got = paged_attention(q, kc, vc, meta, 0.125, workspace=ws)
-    assert not torch.isnan(ws.lse[:, :2]).any(), "split path with the caller's workspace not taken"
+    assert not torch.isnan(ws.lse[:, :1]).any(), "split path with the caller's workspace not taken"
+    assert torch.isnan(ws.lse[:, 1]).all(), "a 4-key context must not be split"
     want = ref.paged_attention(q, kc, vc, meta, 0.125)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -184,3 +191,35 @@ def test_store_kv_strided_and_padding():
 def test_group_wider_than_tile(specs):
     # 40 query heads on 2 KV heads: GROUP 20 spans two 16-row decode tiles; prefill tiles cut tokens.
     run_both(specs, 40, 2, 32)
+
+
+LONG_DECODE = [(700, 1), (3, 1), (1000, 1), (0, 1), (257, 1)]
+
+
+@pytest.mark.parametrize("nh,nkv", GQA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_merged_by_last_program(nh, nkv, dtype):
+    # Contexts long enough for several splits per tile; short ones in the same batch use one (or none).
+    run_both(LONG_DECODE, nh, nkv, 64, dtype=dtype, num_splits=16, workspace=True, merged=True, pad_rows=2)
+
+
+def test_split_merge_auto_window_softcap_hd256():
+    # gemma3-like: 4 q heads on 1 KV head, hd 256, sliding window and softcap; splits from host ints.
+    run_both([(900, 1), (40, 1), (600, 1)], 4, 1, 256, window=300, softcap=20.0, scale=0.3, workspace=True,
+             num_splits=12, merged=True)
+    run_both([(900, 1), (40, 1)], 4, 1, 256, softcap=20.0, scale=0.3)
+
+
+def test_split_merge_prefill_tiles():
+    # Forced splits on a mixed batch: multi-row tiles (rows past one token) merge their partials too.
+    run_both([(500, 7), (300, 1), (0, 40), (0, 0)], 9, 3, 64, num_splits=6, workspace=True, merged=True,
+             pad_rows=1)
+
+
+def test_counters_zero_after_calls():
+    """Split-KV calls leave every arrival counter at zero (checked under the interpreter, where programs
+    run one after another, and on a GPU), whatever the number of splits each tile used."""
+    buf = counters(torch.zeros(0, device=DEV).device, 1 << 16)
+    for splits in (2, 7, 33):
+        run_both(LONG_DECODE, 14, 2, 64, num_splits=splits)
+        assert int(buf.count_nonzero()) == 0

@@ -22,7 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 H100_SHARED = 232448
 FP32_ARGS = {"scale_log2", "softcap", "eps"}
-ATTN_PTRS = {"*": "bf16", "wo_ptr": "fp32", "wl_ptr": "fp32", "cu_ptr": "i32", "len_ptr": "i32", "bt_ptr": "i32"}
+ATTN_PTRS = {"*": "bf16", "wo_ptr": "fp32", "wl_ptr": "fp32", "cnt_ptr": "i32", "cu_ptr": "i32", "len_ptr": "i32",
+             "bt_ptr": "i32"}
 
 
 def p2(n: int) -> int:
@@ -37,7 +38,7 @@ def cases() -> list[tuple[str, str, str, dict, dict, int, int]]:
     out = []
     for k, dt, c, w, s in dispatch_space():
         ptrs = dict(ATTN_PTRS, **{"*": dt})
-        out.append((f"{k}-{dt}-hd{c['HD_P']}-m{c['BLOCK_M']}-s{c['NUM_SPLITS']}", "attention", k, ptrs, c, w, s))
+        out.append((f"{k}-{dt}-hd{c['HD_P']}-m{c['BLOCK_M']}-s{c['SPLITS_P']}", "attention", k, ptrs, c, w, s))
     for nkv, hd in ((3, 64), (1, 256), (8, 128)):
         c = dict(NKV=nkv, HEAD_DIM=hd, NKV_P=p2(nkv), HD_P=hd, BLOCK_SIZE=16)
         out.append((f"store_kv-{nkv}x{hd}", "attention", "_store_kv_kernel", {"*": "bf16", "slot_ptr": "i64"}, c,
@@ -53,6 +54,14 @@ def cases() -> list[tuple[str, str, str, dict, dict, int, int]]:
         w = p.pop("num_warps")
         out.append((f"rope-{nh}-{nkv}-{hd}-{rot}-{inplace}-{neox}", "rope", "_rope_kernel",
                     {"*": "bf16", "pos_ptr": "i64", "cs_ptr": "fp32"}, dict(p, NEOX=neox), w, 3))
+    for nh, nkv, hd, rot, neox, qkn in ((9, 3, 64, 64, False, False), (14, 2, 64, 64, True, False),
+                                        (4, 1, 256, 256, True, True), (32, 8, 128, 64, True, True),
+                                        (16, 8, 128, 128, True, True), (7, 1, 80, 32, False, True)):
+        p = rope.rope_store_kv_params(nh, nkv, hd, rot)
+        w = p.pop("num_warps")
+        out.append((f"rope_store_kv-{nh}-{nkv}-{hd}-{rot}-{neox}-{qkn}", "rope", "_rope_store_kv_kernel",
+                    {"*": "bf16", "pos_ptr": "i64", "cs_ptr": "fp32", "slot_ptr": "i64", "qw_ptr": "fp32",
+                     "kw_ptr": "fp32"}, dict(p, NEOX=neox, Q_NORM=qkn, K_NORM=qkn, BLOCK_SIZE=16), w, 3))
     for block, gelu in ((1024, False), (1024, True), (256, True)):
         out.append((f"gated-{block}-{gelu}", "act", "_gated_kernel", {"*": "bf16"}, dict(BLOCK=block, GELU=gelu),
                     4 if block >= 512 else 1, 3))

@@ -27,8 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import qmatmul_packed
 from . import quant_layouts as L
 from .dequant import decode_sub, dequant_sub, weight_view
+from .packed import PackedWeight
 
 
 @triton.jit
@@ -210,14 +212,20 @@ def split_for(n_programs: int, K: int, block_k: int, sms: int) -> int:
 
 
 def qmatmul(
-    x: torch.Tensor, w, config: Config | None = None, split: int | None = None, out: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
+    x: torch.Tensor, w, config=None, split: int | None = None, out: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, act: int = 0,
 ) -> torch.Tensor:
-    """x [..., K] fp16/bf16/fp32 @ w (QuantTensor [N, K]) ^T (+ bias [N], added in fp32 in the
-    epilogue: no separate cast and add launches) -> [..., N] in x.dtype.
+    """x [..., K] fp16/bf16/fp32 @ w ^T (+ bias [N], added in fp32 in the epilogue: no separate
+    cast and add launches) -> [..., N] in x.dtype. w is a PackedWeight (kernels/packed.py: the
+    decode path) or a QuantTensor [N, K] of GGUF blocks.
 
-    `out` (contiguous, x.dtype) receives the result when given; `config` and `split` override
-    the dispatcher (tests and benchmarks). No host sync: safe inside CUDA-graph capture."""
+    `act` (1 silu, 2 gelu-tanh) with a [gate; up] PackedWeight pair: act(x @ gate^T) * (x @ up^T),
+    [..., N / 2]. `out` (contiguous, x.dtype) receives the result when given; `config` and `split`
+    override the dispatcher (tests and benchmarks). No host sync: safe inside CUDA-graph capture."""
+    if isinstance(w, PackedWeight):
+        return _qmatmul_packed(x, w, config, split, out, bias, act)
+    if act:
+        raise ValueError("qmatmul: a fused activation needs a packed [gate; up] pair")
     N, K = w.shape
     if x.shape[-1] != K:
         raise ValueError(f"qmatmul: x {tuple(x.shape)} does not match weight {w.name!r} of shape {tuple(w.shape)}")
@@ -266,4 +274,29 @@ def qmatmul(
     if s > 1:
         _reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](dst, y, M * N, s, b, N, BLOCK=REDUCE_BLOCK,
                                                            HAS_BIAS=has_bias, num_warps=4)
+    return out
+
+
+def _qmatmul_packed(x: torch.Tensor, w: PackedWeight, config, split: int | None, out: torch.Tensor | None,
+                    bias: torch.Tensor | None, act: int) -> torch.Tensor:
+    N, K = w.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"qmatmul: x {tuple(x.shape)} does not match weight {w.name!r} of shape {tuple(w.shape)}")
+    if act and not w.pair:
+        raise ValueError(f"qmatmul: {w.name!r} is not a [gate; up] pair")
+    n_out = w.pair if act else N
+    if bias is not None and (bias.shape != (n_out,) or not bias.is_contiguous()):
+        raise ValueError(f"qmatmul: bias must be a contiguous [{n_out}] tensor, got {tuple(bias.shape)}")
+    shape = (*x.shape[:-1], n_out)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    elif out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"qmatmul: out must be a contiguous {x.dtype} tensor of shape {shape}")
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] == 0 or n_out == 0:
+        return out
+    if x2.stride(1) != 1 or (x2.shape[0] == 1 and not x2.is_contiguous()):
+        x2 = x2.contiguous()
+    cc, sms = _device_info(x.device)
+    qmatmul_packed.matmul(x2, w, out.view(-1, n_out), bias, act, cc, sms, config, split)
     return out

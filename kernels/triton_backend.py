@@ -22,10 +22,12 @@ class TritonOps:
         self.dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     def prepare_weight(self, qt: Any) -> Any:
-        from . import ref_quant
+        from . import packed, ref_quant
 
         if len(qt.shape) == 1:  # norms and biases: small, dense fp32
             return ref_quant.dequantize(qt.data, qt.ggml_type, qt.shape, torch.float32).to(self.device)
+        if qt.ggml_type in packed.PACKED_TYPES:  # aligned planes, repacked on the device
+            return packed.pack(qt.to(self.device))
         return qt.to(self.device)
 
     @property
@@ -42,7 +44,11 @@ class TritonOps:
 
     def embedding(self, ids: torch.Tensor, w: Any) -> torch.Tensor:
         from .dequant import dequantize
+        from .packed import PackedWeight
+        from .qmatmul_packed import dequant_rows
 
+        if isinstance(w, PackedWeight):
+            return dequant_rows(w, ids, self.dtype)
         rows = w.data.index_select(0, ids.long())
         return dequantize(rows, w.ggml_type, (ids.shape[0], w.shape[-1]), self.dtype)
 

@@ -40,7 +40,18 @@ import sm90_code  # noqa: E402
 MODELS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m")
 ISSUE_PER_S, BYTES_PER_S = 33.4e12, 4.8e12
 CONTEXT, GRAPH_LEN, BLOCK = 256, 4096, 16
-MATMULS = ("qmatmul.gemv_kernel", "qmatmul.mm_kernel")
+MATMULS = ("qmatmul.gemv_kernel", "qmatmul.mm_kernel", "qmatmul_packed.gemv_kernel", "qmatmul_packed.mm_kernel")
+
+
+def weights_per_trip(kernel: str, a: dict) -> int:
+    """Weights one trip of the K loop consumes, all rows of the CTA together (a: launch arguments)."""
+    if kernel == "qmatmul_packed.gemv_kernel":  # BG groups of 8 rows x C groups of 32 weights
+        n = a["BG"] * 8 * a["C"] * 32
+    elif kernel == "qmatmul_packed.mm_kernel":
+        n = a["BLOCK_N"] * 32  # the packed decoder's tile is 32 weights deep
+    else:
+        n = a["BLOCK_N"] * a["NSUB"] * a["SUB"]
+    return n * (2 if a.get("ACT") else 1)  # a [gate; up] pair decodes both matrices per trip
 
 
 @dataclass
@@ -122,19 +133,21 @@ def matmul_records(name: str, model, batch: int, cap: LC.Capture) -> list[Kernel
         if launch.kernel not in MATMULS:
             continue
         a = launch.args
-        key = (launch.kernel, a["TYPE"], a["N"], a["K"])
+        key = (launch.kernel, a["TYPE"], a["N"], a["K"], a.get("ACT", 0))
         if key in seen:
             seen[key].launches_per_token += 1
             continue
         k = launch.compiled
         loop, res = sm90_code.hot_loop(k.asm["cubin"]), sm90_code.resources(k.asm["cubin"])
         params = [p for p, v in k.src.signature.items() if v != "constexpr"]
-        ipw = loop.instructions * 32 * k.metadata.num_warps / (a["BLOCK_N"] * a["NSUB"] * a["SUB"])
+        ipw = loop.instructions * 32 * k.metadata.num_warps / weights_per_trip(launch.kernel, a)
+        w_param = "q_ptr" if "q_ptr" in params else "w_ptr"
+        n_rows = a["N"] * (2 if a.get("ACT") else 1)
         qk, bs = L.BLOCK[a["TYPE"]]
         rec = KernelRecord(
-            name, launch.kernel.split(".")[1].removesuffix("_kernel"), L.NAMES[a["TYPE"]], a["N"], a["K"], batch,
-            names.get((a["TYPE"], a["N"], a["K"]), "?"), 1, round(ipw, 2), loop.shfl, loop.bar,
-            sm90_code.widest_load(k.asm["ptx"], k.metadata.name, params.index("w_ptr")), res.regs, res.stack,
+            name, launch.kernel.split(".")[1].removesuffix("_kernel"), L.NAMES[a["TYPE"]], n_rows, a["K"], batch,
+            names.get((a["TYPE"], n_rows, a["K"]), "?"), 1, round(ipw, 2), loop.shfl, loop.bar,
+            sm90_code.widest_load(k.asm["ptx"], k.metadata.name, params.index(w_param)), res.regs, res.stack,
             k.metadata.shared, launch.ctas, round((ipw / ISSUE_PER_S) / (bs / qk / BYTES_PER_S), 2))
         seen[key] = rec
         out.append(rec)

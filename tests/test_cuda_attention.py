@@ -12,6 +12,7 @@ import torch
 from kernels import reference as ref
 from kernels.attention import attention_workspace, paged_attention, store_kv
 from kernels.metadata import AttentionMetadata
+from kernels.rope import rope_store_kv
 
 pytestmark = [
     pytest.mark.cuda,
@@ -65,7 +66,7 @@ def test_bf16_small_kernels():
 
 
 def test_cuda_graph_decode_step_with_split_kv():
-    """Capture store_kv + split-KV attention once for a padded batch of 8, replay with other lengths (long
+    """Capture rope_store_kv + split-KV attention once for a padded batch of 8, replay with other lengths (long
     contexts merge their splits in the last program; short ones use one split)."""
     nh, nkv, hd, bs, B, max_blocks = 8, 2, 64, 16, 8, 64
     dev = "cuda"
@@ -95,6 +96,7 @@ def test_cuda_graph_decode_step_with_split_kv():
         meta.cu_seqlens_q.copy_(torch.tensor([0] + [min(1, x) for x in full], dtype=torch.int32).cumsum(0))
         slots = [int(meta.block_tables[i, (L - 1) // bs]) * bs + (L - 1) % bs if L else -1 for i, L in enumerate(full)]
         meta.slot_mapping.copy_(torch.tensor(slots))
+        pos.copy_(torch.tensor([max(x - 1, 0) for x in full]))
         q.normal_(generator=g)
         k.normal_(generator=g)
         v.normal_(generator=g)
@@ -104,9 +106,13 @@ def test_cuda_graph_decode_step_with_split_kv():
 
         return counters(q.device, 1)
 
-    def step() -> None:
-        store_kv(k, v, kc, vc, meta.slot_mapping)
-        paged_attention(q, kc, vc, meta, hd ** -0.5, out=out, workspace=ws)
+    pos = torch.zeros(B, dtype=torch.long, device=dev)
+    cs = ref.rope_cache(10000.0, hd, max_blocks * bs, dev)
+    qr = torch.empty_like(q)
+
+    def step() -> None:  # the decode step's attention as engine/model.py runs it
+        rope_store_kv(q, k, v, pos, cs, True, kc, vc, meta.slot_mapping, out=qr)
+        paged_attention(qr, kc, vc, meta, hd ** -0.5, out=out, workspace=ws)
 
     fill([5, 100])
     step()  # compile outside capture
@@ -121,7 +127,8 @@ def test_cuda_graph_decode_step_with_split_kv():
         graph.replay()
         torch.cuda.synchronize()
         live = sum(1 for x in lens if x)
-        want = ref.paged_attention(q, kc, vc, meta, hd ** -0.5)  # the graph already stored this step's K/V
+        torch.testing.assert_close(qr, ref.rope(q, k, pos, cs, True)[0], **BF16)
+        want = ref.paged_attention(qr, kc, vc, meta, hd ** -0.5)  # the graph already stored this step's K/V
         torch.testing.assert_close(out[:live], want[:live], **BF16)
         assert torch.isnan(out[live:]).all(), "padded rows must not be written"
         long_rows = [i for i, x in enumerate(lens) if x > 512]

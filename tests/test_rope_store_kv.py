@@ -96,3 +96,18 @@ def test_backends_agree(backend):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(kc.float(), kc_ref, equal_nan=True, **tol)
         torch.testing.assert_close(vc.float(), vc_ref, equal_nan=True, **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEV != "cuda", reason="bf16 arithmetic is broken in the interpreter: GPU only")
+@pytest.mark.parametrize("neox,norms", [(True, "qk"), (False, None)])
+def test_bf16_on_gpu(neox, norms):
+    T, nh, nkv, hd = 37, 4, 1, 256
+    qkv, q, k, v, qn, kn, pos, slots, kc, vc = _case(T, nh, nkv, hd, hd, torch.bfloat16, norms, num_blocks=8)
+    cs = ref.rope_cache(10000.0, hd, 4096, DEV)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    want = ref.rope_store_kv(q, k, v, pos, cs, neox, kc_ref, vc_ref, slots, qn, kn, 1e-6)
+    got = rope_store_kv(q, k, v, pos, cs, neox, kc, vc, slots, qn, kn, 1e-6)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(kc, kc_ref, rtol=2e-2, atol=2e-2, equal_nan=True)
+    torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0, equal_nan=True)

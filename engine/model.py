@@ -91,7 +91,8 @@ def _layer_weights(gguf: GGUFFile, ops: Ops, names: dict[str, str]) -> LayerWeig
     else:
         w |= {f: ops.prepare_weight(gguf.tensor(names[f])) for f in ("wq", "wk", "wv", "bq", "bk", "bv") if f in names}
     if _fusable(gguf, [names["w_gate"], names["w_up"]]):
-        w["w_gate_up"] = ops.prepare_weight(_concat(gguf, [names["w_gate"], names["w_up"]]))
+        w["w_gate_up"] = ops.prepare_gate_up(_concat(gguf, [names["w_gate"], names["w_up"]]),
+                                             gguf.tensors[names["w_gate"]].shape[0])
     else:
         w |= {f: ops.prepare_weight(gguf.tensor(names[f])) for f in ("w_gate", "w_up")}
     return LayerWeights(**w)
@@ -179,11 +180,12 @@ class Model:
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         ops = self.ops
-        if layer.w_gate_up is not None:
-            gate, up = ops.linear(x, layer.w_gate_up).split(self.cfg.intermediate_size, dim=-1)
+        gelu = self.cfg.activation == "gelu_tanh"
+        if layer.w_gate_up is not None:  # the activation in the matmul's epilogue where the backend can
+            act = ops.gated_linear(x, layer.w_gate_up, gelu)
         else:
             gate, up = ops.linear(x, layer.w_gate), ops.linear(x, layer.w_up)
-        act = ops.gelu_tanh_mul(gate, up) if self.cfg.activation == "gelu_tanh" else ops.silu_mul(gate, up)
+            act = ops.gelu_tanh_mul(gate, up) if gelu else ops.silu_mul(gate, up)
         return ops.linear(act, layer.w_down)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

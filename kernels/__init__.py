@@ -42,6 +42,8 @@ class Ops(Protocol):
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, neox: bool
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
+    def prepare_gate_up(self, qt: Any, rows: int) -> Any: ...  # [gate; up] rows concatenated, gate has `rows`
+    def gated_linear(self, x: torch.Tensor, w: Any, gelu: bool) -> torch.Tensor: ...  # act(x gate^T) * x up^T
     def gelu_tanh_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
     def store_kv(
         self, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor
@@ -55,6 +57,12 @@ class Ops(Protocol):
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata,
         scale: float, sliding_window: int = 0, softcap: float = 0.0,
     ) -> torch.Tensor: ...
+
+
+def unfused_gated_linear(ops: Ops, x: torch.Tensor, w: Any, gelu: bool) -> torch.Tensor:
+    """gated_linear as a matmul, a split and the activation op (backends without a fused epilogue)."""
+    gate, up = ops.linear(x, w).chunk(2, dim=-1)
+    return ops.gelu_tanh_mul(gate, up) if gelu else ops.silu_mul(gate, up)
 
 
 def backend(device: str | torch.device = "cpu", cpu_weights: str = "auto", threads: int = 0) -> Ops:

@@ -39,6 +39,14 @@ class TorchOps:
     def rope(self, q, k, positions, cos_sin, neox):
         return ref.rope(q, k, positions, cos_sin, neox)
 
+    def prepare_gate_up(self, qt: Any, rows: int) -> Any:
+        return self.prepare_weight(qt)
+
+    def gated_linear(self, x: torch.Tensor, w: Any, gelu: bool) -> torch.Tensor:
+        from kernels import unfused_gated_linear
+
+        return unfused_gated_linear(self, x, w, gelu)
+
     def silu_mul(self, gate, up):
         return ref.silu_mul(gate, up)
 

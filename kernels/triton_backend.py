@@ -62,6 +62,23 @@ class TritonOps:
 
         return rope(q, k, positions, cos_sin, neox)
 
+    def prepare_gate_up(self, qt: Any, rows: int) -> Any:
+        """[gate; up] packed as one pair whose GEMV applies the activation in its epilogue."""
+        from dataclasses import replace
+
+        from .packed import PackedWeight
+
+        w = self.prepare_weight(qt)
+        return replace(w, pair=rows) if isinstance(w, PackedWeight) and rows % 8 == 0 else w
+
+    def gated_linear(self, x: torch.Tensor, w: Any, gelu: bool) -> torch.Tensor:
+        from . import unfused_gated_linear
+        from .qmatmul import qmatmul
+
+        if getattr(w, "pair", 0):
+            return qmatmul(x, w, act=2 if gelu else 1)
+        return unfused_gated_linear(self, x, w, gelu)
+
     def silu_mul(self, gate, up):
         from .act import silu_mul
 

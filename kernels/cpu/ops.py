@@ -135,6 +135,14 @@ class CpuOps:
         self.lib.lt_gated_act(gate.data_ptr(), up.data_ptr(), gate.stride(0), up.stride(0), T, I, out.data_ptr(), kind)
         return out
 
+    def prepare_gate_up(self, qt: Any, rows: int) -> Any:
+        return self.prepare_weight(qt)
+
+    def gated_linear(self, x: torch.Tensor, w: Any, gelu: bool) -> torch.Tensor:
+        from kernels import unfused_gated_linear
+
+        return unfused_gated_linear(self, x, w, gelu)
+
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self._gated(gate, up, 0)
 

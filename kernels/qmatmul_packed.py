@@ -267,8 +267,9 @@ def choose(M: int, N: int, K: int, cc: tuple[int, int]) -> PackedConfig:
         return PackedConfig("gemv", 1, 32 * warps // c, c, warps)
     if cc == INTERPRETER_CC:
         return PackedConfig("mm", 16 if M <= 16 else 64, 64, 32, 4)
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    return PackedConfig("mm", bm, 64 if bm <= 64 else 128, 32, 4 if bm <= 64 else 8)
+    # 128 x 128 tiles (8 warps) spill registers on sm_90: prefill uses 64 x 64 as well
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    return PackedConfig("mm", bm, 64, 32, 4)
 
 
 def split_for(programs: int, steps: int, sms: int) -> int:

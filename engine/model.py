@@ -145,20 +145,19 @@ class Model:
         h = ops.embedding(input_ids, self.embed)
         if cfg.embed_scale != 1.0:
             h = h * cfg.embed_scale
-        residual = None
+        x, residual = ops.rms_norm(h, self.layers[0].attn_norm, cfg.rms_eps)
+        # Each RMSNorm after the first rides on the matmul before it (o_proj, down): the residual add,
+        # gemma's post-norms and the next norm run once the matmul's rows are complete, in its launch.
         for i, layer in enumerate(self.layers):
             if interrupt is not None and interrupt.is_set():
                 raise StepInterrupted()
-            x, residual = ops.rms_norm(h, layer.attn_norm, cfg.rms_eps, residual)
-            a = self._attention(i, layer, x, positions, meta, kv_caches[i])
-            if layer.post_attn_norm is not None:
-                a, _ = ops.rms_norm(a, layer.post_attn_norm, cfg.rms_eps)
-            x, residual = ops.rms_norm(a, layer.ffn_norm, cfg.rms_eps, residual)
-            h = self._mlp(layer, x)
-            if layer.post_ffn_norm is not None:
-                h, _ = ops.rms_norm(h, layer.post_ffn_norm, cfg.rms_eps)
-        out, _ = ops.rms_norm(h, self.out_norm, cfg.rms_eps, residual)
-        return out
+            o = self._attention(i, layer, x, positions, meta, kv_caches[i])
+            x, residual = ops.linear_residual_norm(o, layer.wo, residual, layer.ffn_norm, cfg.rms_eps,
+                                                   layer.post_attn_norm)
+            nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.out_norm
+            x, residual = ops.linear_residual_norm(self._mlp_act(layer, x), layer.w_down, residual, nxt, cfg.rms_eps,
+                                                   layer.post_ffn_norm)
+        return x
 
     def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
                    meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -176,9 +175,9 @@ class Model:
         q = ops.rope_store_kv(q, k, v, positions, self.rope_local if window else self.rope_global, cfg.rope_neox,
                               kv[0], kv[1], meta.slot_mapping, layer.q_norm, layer.k_norm, cfg.rms_eps)
         o = ops.paged_attention(q, kv[0], kv[1], meta, cfg.scale, window, cfg.attn_softcap)
-        return ops.linear(o.reshape(T, cfg.n_heads * cfg.head_dim), layer.wo)
+        return o.reshape(T, cfg.n_heads * cfg.head_dim)  # o_proj: in forward, fused with the norm after it
 
-    def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    def _mlp_act(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         ops = self.ops
         gelu = self.cfg.activation == "gelu_tanh"
         if layer.w_gate_up is not None:  # the activation in the matmul's epilogue where the backend can
@@ -186,7 +185,7 @@ class Model:
         else:
             gate, up = ops.linear(x, layer.w_gate), ops.linear(x, layer.w_up)
             act = ops.gelu_tanh_mul(gate, up) if gelu else ops.silu_mul(gate, up)
-        return ops.linear(act, layer.w_down)
+        return act  # down: in forward, fused with the norm after it
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.ops.linear(hidden, self.lm_head).float()

@@ -44,6 +44,10 @@ class Ops(Protocol):
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
     def prepare_gate_up(self, qt: Any, rows: int) -> Any: ...  # [gate; up] rows concatenated, gate has `rows`
     def gated_linear(self, x: torch.Tensor, w: Any, gelu: bool) -> torch.Tensor: ...  # act(x gate^T) * x up^T
+    def linear_residual_norm(
+        self, x: torch.Tensor, w: Any, residual: torch.Tensor, norm_w: torch.Tensor, eps: float,
+        post_w: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...  # y = x w^T [post-norm]; (rms_norm(y + residual), y + residual)
     def gelu_tanh_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...
     def store_kv(
         self, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor
@@ -63,6 +67,14 @@ def unfused_gated_linear(ops: Ops, x: torch.Tensor, w: Any, gelu: bool) -> torch
     """gated_linear as a matmul, a split and the activation op (backends without a fused epilogue)."""
     gate, up = ops.linear(x, w).chunk(2, dim=-1)
     return ops.gelu_tanh_mul(gate, up) if gelu else ops.silu_mul(gate, up)
+
+
+def unfused_linear_residual_norm(ops: Ops, x: torch.Tensor, w: Any, residual: torch.Tensor, norm_w: torch.Tensor,
+                                 eps: float, post_w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    y = ops.linear(x, w)
+    if post_w is not None:
+        y, _ = ops.rms_norm(y, post_w, eps)
+    return ops.rms_norm(y, norm_w, eps, residual)
 
 
 def backend(device: str | torch.device = "cpu", cpu_weights: str = "auto", threads: int = 0) -> Ops:

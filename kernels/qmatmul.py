@@ -213,19 +213,21 @@ def split_for(n_programs: int, K: int, block_k: int, sms: int) -> int:
 
 def qmatmul(
     x: torch.Tensor, w, config=None, split: int | None = None, out: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None, act: int = 0,
+    bias: torch.Tensor | None = None, act: int = 0, tail: qmatmul_packed.NormTail | None = None,
 ) -> torch.Tensor:
     """x [..., K] fp16/bf16/fp32 @ w ^T (+ bias [N], added in fp32 in the epilogue: no separate
     cast and add launches) -> [..., N] in x.dtype. w is a PackedWeight (kernels/packed.py: the
     decode path) or a QuantTensor [N, K] of GGUF blocks.
 
     `act` (1 silu, 2 gelu-tanh) with a [gate; up] PackedWeight pair: act(x @ gate^T) * (x @ up^T),
-    [..., N / 2]. `out` (contiguous, x.dtype) receives the result when given; `config` and `split`
-    override the dispatcher (tests and benchmarks). No host sync: safe inside CUDA-graph capture."""
+    [..., N / 2]. `tail` (packed weights): the residual add + RMSNorm of each finished row in the
+    same launch (qmatmul_packed.NormTail); the result is then the normalized rows. `out`
+    (contiguous, x.dtype) receives the result when given; `config` and `split` override the
+    dispatcher (tests and benchmarks). No host sync: safe inside CUDA-graph capture."""
     if isinstance(w, PackedWeight):
-        return _qmatmul_packed(x, w, config, split, out, bias, act)
-    if act:
-        raise ValueError("qmatmul: a fused activation needs a packed [gate; up] pair")
+        return _qmatmul_packed(x, w, config, split, out, bias, act, tail)
+    if act or tail:
+        raise ValueError("qmatmul: fused epilogues need packed weights")
     N, K = w.shape
     if x.shape[-1] != K:
         raise ValueError(f"qmatmul: x {tuple(x.shape)} does not match weight {w.name!r} of shape {tuple(w.shape)}")
@@ -278,7 +280,7 @@ def qmatmul(
 
 
 def _qmatmul_packed(x: torch.Tensor, w: PackedWeight, config, split: int | None, out: torch.Tensor | None,
-                    bias: torch.Tensor | None, act: int) -> torch.Tensor:
+                    bias: torch.Tensor | None, act: int, tail: qmatmul_packed.NormTail | None) -> torch.Tensor:
     N, K = w.shape
     if x.shape[-1] != K:
         raise ValueError(f"qmatmul: x {tuple(x.shape)} does not match weight {w.name!r} of shape {tuple(w.shape)}")
@@ -298,5 +300,8 @@ def _qmatmul_packed(x: torch.Tensor, w: PackedWeight, config, split: int | None,
     if x2.stride(1) != 1 or (x2.shape[0] == 1 and not x2.is_contiguous()):
         x2 = x2.contiguous()
     cc, sms = _device_info(x.device)
-    qmatmul_packed.matmul(x2, w, out.view(-1, n_out), bias, act, cc, sms, config, split)
+    if tail is not None and (tail.residual.shape != out.shape or not tail.residual.is_contiguous()
+                             or tail.h_out.shape != out.shape or not tail.h_out.is_contiguous()):
+        raise ValueError(f"qmatmul: the residual and h_out must be contiguous {tuple(shape)} tensors")
+    qmatmul_packed.matmul(x2, w, out.view(-1, n_out), bias, act, cc, sms, config, split, tail)
     return out

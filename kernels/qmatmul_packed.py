@@ -51,11 +51,49 @@ def _store(out_ptr, b_ptr, y, y_up, m, n, mask, stride_om, HAS_BIAS: tl.constexp
 
 
 @triton.jit
+def _rms(v, w_ptr, cols, mask, N, eps):
+    """v * rsqrt(mean(v^2) + eps) * w[cols] (fp32)."""
+    inv = tl.rsqrt(tl.sum(v * v, 0) / N + eps)
+    return v * inv * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_tail(out_ptr, res_ptr, g_ptr, g1_ptr, hout_ptr, cnt_ptr, row_id, n_tiles, row0, M, N, stride_om, eps,
+              BM: tl.constexpr, NB: tl.constexpr, TAIL: tl.constexpr):
+    """Once every N tile of rows row0 .. row0 + BM - 1 is stored (the last program to arrive does
+    this): y = out (the matmul), [y = rmsnorm(y, g1)], h = y + residual -> hout, out = rmsnorm(h, g).
+    Each sum is rounded to the output dtype before it is used, as the unfused ops do."""
+    tl.debug_barrier()
+    if tl.atomic_add(cnt_ptr + row_id, 1, sem="acq_rel") == n_tiles - 1:
+        cols = tl.arange(0, NB)
+        cm = cols < N
+        for i in range(BM):
+            row = row0 + i
+            if row < M:
+                o_row = out_ptr + row.to(tl.int64) * stride_om
+                y = tl.load(o_row + cols, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
+                if TAIL == 2:  # gemma's post-norm of the matmul output before the residual add
+                    y = _rms(y, g1_ptr, cols, cm, N, eps).to(out_ptr.dtype.element_ty).to(tl.float32)
+                h = y + tl.load(res_ptr + row.to(tl.int64) * N + cols, mask=cm, other=0.0).to(tl.float32)
+                h = h.to(hout_ptr.dtype.element_ty)
+                tl.store(hout_ptr + row.to(tl.int64) * N + cols, h, mask=cm)
+                tl.store(o_row + cols, _rms(h.to(tl.float32), g_ptr, cols, cm, N, eps).to(out_ptr.dtype.element_ty),
+                         mask=cm)
+        tl.atomic_xchg(cnt_ptr + row_id, 0)
+
+
+@triton.jit
 def _finish(out_ptr, b_ptr, ws_ptr, cnt_ptr, y, y_up, m, n, mask, stride_om, ws_split, ws_row, split, tile_id,
-            HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PAIR):
-    """Store y (or, with split-K, the sum of every split's y once the last split has arrived)."""
+            HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PAIR,
+            res_ptr, g_ptr, g1_ptr, hout_ptr, row_off, n_tiles, row0, M, N, eps,
+            BM: tl.constexpr, NB: tl.constexpr, TAIL: tl.constexpr):
+    """Store y (or, with split-K, the sum of every split's y once the last split has arrived), then
+    with TAIL the residual add and RMSNorm of whole rows (_row_tail)."""
     if split == 1:
         _store(out_ptr, b_ptr, y, y_up, m, n, mask, stride_om, HAS_BIAS, ACT)
+        if TAIL != 0:
+            _row_tail(out_ptr, res_ptr, g_ptr, g1_ptr, hout_ptr, cnt_ptr + row_off, row0 // BM, n_tiles, row0, M, N,
+                      stride_om, eps, BM, NB, TAIL)
     else:
         pid_s = tl.program_id(2)
         part = ws_ptr + m.to(tl.int64) * ws_row + n
@@ -72,6 +110,9 @@ def _finish(out_ptr, b_ptr, ws_ptr, cnt_ptr, y, y_up, m, n, mask, stride_om, ws_
                     tot_up += tl.load(part + s * ws_split + PAIR, mask=mask, other=0.0, cache_modifier=".cg")
             _store(out_ptr, b_ptr, tot, tot_up, m, n, mask, stride_om, HAS_BIAS, ACT)
             tl.atomic_xchg(cnt_ptr + tile_id, 0)
+            if TAIL != 0:
+                _row_tail(out_ptr, res_ptr, g_ptr, g1_ptr, hout_ptr, cnt_ptr + row_off, row0 // BM, n_tiles, row0, M,
+                          N, stride_om, eps, BM, NB, TAIL)
 
 
 @triton.jit
@@ -152,9 +193,10 @@ def _gemv_rows(x_ptr, q_ptr, h_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, g, gmask, kg_l
 @triton.jit
 def gemv_kernel(
     x_ptr, q_ptr, h_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, b_ptr,
-    N, K, groups_per_split, split, PAIR,
+    res_ptr, g_ptr, g1_ptr, hout_ptr, N, K, groups_per_split, split, PAIR, eps,
     TYPE: tl.constexpr, QBITS: tl.constexpr, HBITS: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
     OFF: tl.constexpr, BG: tl.constexpr, C: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    NB: tl.constexpr, TAIL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(2)
@@ -172,15 +214,17 @@ def gemv_kernel(
         y_up = y
     n = gi[:, None] * 8 + tl.arange(0, 8)[None, :]
     m = tl.zeros([BG, 8], tl.int32)
-    _finish(out_ptr, b_ptr, ws_ptr, cnt_ptr, y, y_up, m, n, n < N, 0, 2 * N, 0, split, pid_n, HAS_BIAS, ACT, PAIR)
+    _finish(out_ptr, b_ptr, ws_ptr, cnt_ptr, y, y_up, m, n, n < N, 0, 2 * N, 0, split, pid_n, HAS_BIAS, ACT, PAIR,
+            res_ptr, g_ptr, g1_ptr, hout_ptr, tl.num_programs(0), tl.num_programs(0), 0, 1, N, eps, 1, NB, TAIL)
 
 
 @triton.jit
 def mm_kernel(
     x_ptr, q_ptr, h_ptr, d_ptr, m_ptr, sc_ptr, mn_ptr, out_ptr, ws_ptr, cnt_ptr, b_ptr,
-    M, N, K, stride_xm, stride_om, k_per_split, split, PAIR,
+    res_ptr, g_ptr, g1_ptr, hout_ptr, M, N, K, stride_xm, stride_om, k_per_split, split, PAIR, eps,
     TYPE: tl.constexpr, QBITS: tl.constexpr, HBITS: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
     OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    NB: tl.constexpr, TAIL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -208,7 +252,8 @@ def mm_kernel(
     nn = n[None, :]
     tile_id = pid_m * tl.num_programs(1) + pid_n
     _finish(out_ptr, b_ptr, ws_ptr, cnt_ptr, acc, acc_up, mm, nn, (mm < M) & (nn < N), stride_om, M * 2 * N,
-            2 * N, split, tile_id, HAS_BIAS, ACT, PAIR)
+            2 * N, split, tile_id, HAS_BIAS, ACT, PAIR, res_ptr, g_ptr, g1_ptr, hout_ptr,
+            tl.num_programs(0) * tl.num_programs(1), tl.num_programs(1), pid_m * BLOCK_M, M, N, eps, BLOCK_M, NB, TAIL)
 
 
 @triton.jit
@@ -284,15 +329,35 @@ def _planes(w: P.PackedWeight) -> list:
     return [q, *(t if t is not None else q for t in (w.h, w.d, w.m, w.sc, w.mn))]
 
 
+@dataclass
+class NormTail:
+    """After the matmul, per row: [y = rmsnorm(y, post_w)]; h = y + residual -> h_out; y = rmsnorm(h, w)."""
+
+    residual: torch.Tensor  # [M, N], contiguous
+    w: torch.Tensor  # [N] fp32
+    eps: float
+    h_out: torch.Tensor  # [M, N], contiguous: the new residual
+    post_w: torch.Tensor | None = None
+
+
 def matmul(x: torch.Tensor, w: P.PackedWeight, y: torch.Tensor, bias: torch.Tensor | None, act: int,
-           cc: tuple[int, int], sms: int, config: PackedConfig | None = None, split: int | None = None) -> None:
-    """y [M, N_out] = x [M, K] @ w^T (+ bias) or act(x @ gate^T) * (x @ up^T) for a pair (act 1 silu, 2 gelu)."""
+           cc: tuple[int, int], sms: int, config: PackedConfig | None = None, split: int | None = None,
+           tail: NormTail | None = None) -> None:
+    """y [M, N_out] = x [M, K] @ w^T (+ bias) or act(x @ gate^T) * (x @ up^T) for a pair (act 1 silu, 2 gelu);
+    with `tail`, the residual add and RMSNorm of each finished row (y becomes the normalized rows)."""
     M, K = x.shape
     n_out = w.pair if act else w.shape[0]
     cfg = config or choose(M, n_out, K, cc)
     has_bias = bias is not None
     b = bias if has_bias else y
     kw = _type_args(w.ggml_type)
+    if tail is not None:
+        t_args = [tail.residual, tail.w, tail.post_w if tail.post_w is not None else tail.w, tail.h_out]
+        kw |= {"NB": triton.next_power_of_2(n_out), "TAIL": 2 if tail.post_w is not None else 1}
+        eps = float(tail.eps)
+    else:
+        t_args, eps = [y, y, y, y], 0.0
+        kw |= {"NB": 1, "TAIL": 0}
     if cfg.kernel == "gemv":
         if M != 1:
             raise ValueError(f"the packed GEMV takes one row of x, got {M}")
@@ -303,9 +368,10 @@ def matmul(x: torch.Tensor, w: P.PackedWeight, y: torch.Tensor, bias: torch.Tens
         gps = triton.cdiv(triton.cdiv(groups, s), cfg.block_k) * cfg.block_k
         s = triton.cdiv(groups, gps)
         ws = torch.empty(s * 2 * n_out if s > 1 else 1, dtype=torch.float32, device=x.device)
-        cnt = W.counters(x.device, n_prog)
+        cnt = W.counters(x.device, n_prog + 1)
         gemv_kernel[(n_prog, 1, s)](
-            x, *_planes(w), y, ws, cnt, b, n_out, K, gps, s, w.pair, **kw, BG=cfg.block_n, C=cfg.block_k,
+            x, *_planes(w), y, ws, cnt, b, *t_args, n_out, K, gps, s, w.pair, eps, **kw, BG=cfg.block_n,
+            C=cfg.block_k,
             HAS_BIAS=has_bias, ACT=act, num_warps=cfg.num_warps, num_stages=1)
         return
     grid_m, grid_n = triton.cdiv(M, cfg.block_m), triton.cdiv(n_out, cfg.block_n)
@@ -314,9 +380,9 @@ def matmul(x: torch.Tensor, w: P.PackedWeight, y: torch.Tensor, bias: torch.Tens
     kps = triton.cdiv(triton.cdiv(K, s), cfg.block_k) * cfg.block_k
     s = triton.cdiv(K, kps)
     ws = torch.empty(s * M * 2 * n_out if s > 1 else 1, dtype=torch.float32, device=x.device)
-    cnt = W.counters(x.device, grid_m * grid_n)
+    cnt = W.counters(x.device, grid_m * grid_n + grid_m)
     mm_kernel[(grid_m, grid_n, s)](
-        x, *_planes(w), y, ws, cnt, b, M, n_out, K, x.stride(0), y.stride(0), kps, s, w.pair, **kw,
+        x, *_planes(w), y, ws, cnt, b, *t_args, M, n_out, K, x.stride(0), y.stride(0), kps, s, w.pair, eps, **kw,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_BIAS=has_bias, ACT=act,
         num_warps=cfg.num_warps, num_stages=1)
 

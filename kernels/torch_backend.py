@@ -47,6 +47,11 @@ class TorchOps:
 
         return unfused_gated_linear(self, x, w, gelu)
 
+    def linear_residual_norm(self, x, w, residual, norm_w, eps, post_w=None):
+        from kernels import unfused_linear_residual_norm
+
+        return unfused_linear_residual_norm(self, x, w, residual, norm_w, eps, post_w)
+
     def silu_mul(self, gate, up):
         return ref.silu_mul(gate, up)
 

@@ -79,6 +79,18 @@ class TritonOps:
             return qmatmul(x, w, act=2 if gelu else 1)
         return unfused_gated_linear(self, x, w, gelu)
 
+    def linear_residual_norm(self, x, w, residual, norm_w, eps, post_w=None):
+        """The matmul, then in the same launch the residual add and RMSNorm of each finished row."""
+        from . import unfused_linear_residual_norm
+        from .packed import PackedWeight
+        from .qmatmul import qmatmul
+        from .qmatmul_packed import NormTail
+
+        if not isinstance(w, PackedWeight) or residual.dtype != x.dtype or not residual.is_contiguous():
+            return unfused_linear_residual_norm(self, x, w, residual, norm_w, eps, post_w)
+        h = torch.empty_like(residual)
+        return qmatmul(x, w, tail=NormTail(residual, norm_w, eps, h, post_w)), h
+
     def silu_mul(self, gate, up):
         from .act import silu_mul
 

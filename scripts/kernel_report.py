@@ -51,7 +51,8 @@ def weights_per_trip(kernel: str, a: dict) -> int:
         n = a["BLOCK_N"] * 32  # the packed decoder's tile is 32 weights deep
     else:
         n = a["BLOCK_N"] * a["NSUB"] * a["SUB"]
-    return n * (2 if a.get("ACT") else 1)  # a [gate; up] pair decodes both matrices per trip
+    # a [gate; up] pair: the tiled kernel decodes both matrices in one loop, the GEMV in two loops
+    return n * (2 if a.get("ACT") and kernel.endswith("mm_kernel") else 1)
 
 
 @dataclass

@@ -31,10 +31,12 @@ def _compile(job: tuple) -> tuple[str, int, int, int, str]:
     if name == "dequant":
         sig = {p: plane[p] for p in _PTRS[1:]} | {"ids_ptr": "*i64", "out_ptr": f"*{xdt}", "n_ids": "i32", "K": "i32"}
     else:
-        sig |= {"out_ptr": f"*{xdt}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "b_ptr": "*fp32"}
+        sig |= {"out_ptr": f"*{xdt}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "b_ptr": "*fp32", "res_ptr": f"*{xdt}",
+                "g_ptr": "*fp32", "g1_ptr": "*fp32", "hout_ptr": f"*{xdt}"}
         ints = ["N", "K", "groups_per_split", "split", "PAIR"] if name == "gemv" else \
             ["M", "N", "K", "stride_xm", "stride_om", "k_per_split", "split", "PAIR"]
-        sig |= {i: "i32" for i in ints}
+        sig |= {i: "i32" for i in ints} | {"eps": "fp32"}
+        consts = {"NB": 1, "TAIL": 0} | consts
     sig |= {c: "constexpr" for c in consts}
     label = f"{name} type {t} {consts} warps {warps} {xdt}"
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(8 if name == "dequant" else len(_PTRS) + 4)}
@@ -69,7 +71,11 @@ def _jobs() -> list[tuple]:
     jobs += [("gemv", L.Q4_K, {"BG": 8, "C": 4, "HAS_BIAS": True, "ACT": 1}, 1, "bf16"),
              ("gemv", L.Q5_0, {"BG": 16, "C": 2, "HAS_BIAS": False, "ACT": 2}, 1, "fp16"),
              ("mm", L.Q4_K, {"BLOCK_M": 16, "BLOCK_N": 64, "HAS_BIAS": True, "ACT": 1}, 4, "bf16"),
-             ("mm", L.Q6_K, {"BLOCK_M": 64, "BLOCK_N": 64, "HAS_BIAS": False, "ACT": 2}, 4, "fp32")]
+             ("mm", L.Q6_K, {"BLOCK_M": 64, "BLOCK_N": 64, "HAS_BIAS": False, "ACT": 2}, 4, "fp32"),
+             ("gemv", L.Q4_1, {"BG": 16, "C": 2, "HAS_BIAS": False, "ACT": 0, "NB": 1024, "TAIL": 1}, 1, "bf16"),
+             ("gemv", L.Q6_K, {"BG": 4, "C": 8, "HAS_BIAS": False, "ACT": 0, "NB": 1024, "TAIL": 2}, 1, "bf16"),
+             ("mm", L.Q5_0, {"BLOCK_M": 16, "BLOCK_N": 64, "HAS_BIAS": False, "ACT": 0, "NB": 1024, "TAIL": 2}, 4,
+              "bf16")]
     return jobs
 
 

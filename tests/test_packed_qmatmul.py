@@ -112,3 +112,29 @@ def test_unpacked_types_are_refused() -> None:
     qt, _ = _pair(L.Q3_K, 8, 256, 0)
     with pytest.raises(ValueError, match="not packed"):
         P.pack(qt)
+
+
+@pytest.mark.parametrize("M,split", [(1, 1), (1, 3), (5, 1), (5, 2), (40, 1)])
+@pytest.mark.parametrize("post", [False, True], ids=["norm", "post-norm"])
+def test_residual_add_and_rmsnorm_in_the_matmul_launch(M: int, split: int, post: bool) -> None:
+    """linear_residual_norm on the Triton backend (the row tail in the matmul's launch) against the
+    unfused ops: matmul, [post-norm], residual add + RMSNorm."""
+    from kernels import unfused_linear_residual_norm
+    from kernels.triton_backend import TritonOps
+
+    ops = TritonOps(torch.device(DEV), dtype=torch.float32)
+    qt, _ = _pair(L.Q4_K, 44, 256, 9)  # 44 rows: the last 8-row group and the last N tile are partial
+    w = ops.prepare_weight(qt)
+    gen = torch.Generator().manual_seed(M)
+    x, res = torch.randn(M, 256, generator=gen).to(DEV), torch.randn(M, 44, generator=gen).to(DEV)
+    g, g1 = (torch.rand(44, generator=gen) + 0.5).to(DEV), (torch.rand(44, generator=gen) + 0.5).to(DEV)
+    post_w = g1 if post else None
+    ref_x, ref_h = unfused_linear_residual_norm(ops, x, w, res, g, 1e-6, post_w)
+    from kernels.qmatmul import qmatmul
+    from kernels.qmatmul_packed import NormTail
+
+    h = torch.empty_like(res)
+    got_x = qmatmul(x, w, split=split, tail=NormTail(res, g, 1e-6, h, post_w))
+    tol = GEMV_TOL if M == 1 else MM_TOL
+    assert _err(h, ref_h.double().cpu()) < tol * 4 and _err(got_x, ref_x.double().cpu()) < tol * 8
+    assert int(W.counters(torch.device(DEV), 1).abs().sum()) == 0

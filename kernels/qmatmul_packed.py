@@ -312,9 +312,10 @@ def choose(M: int, N: int, K: int, cc: tuple[int, int]) -> PackedConfig:
         return PackedConfig("gemv", 1, 32 * warps // c, c, warps)
     if cc == INTERPRETER_CC:
         return PackedConfig("mm", 16 if M <= 16 else 64, 64, 32, 4)
-    # 128 x 128 tiles (8 warps) spill registers on sm_90: prefill uses 64 x 64 as well
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64
-    return PackedConfig("mm", bm, 64, 32, 4)
+    if M <= 16:  # 256 weight rows per program: the dequantized tile reaches shared memory through stmatrix
+        return PackedConfig("mm", 16, 256, 32, 4)
+    # wider tiles spill registers on sm_90 (64 x 256, 128 x 128): 64 x 64 for prefill too
+    return PackedConfig("mm", 32 if M <= 32 else 64, 64, 32, 4)
 
 
 def split_for(programs: int, steps: int, sms: int) -> int:

@@ -83,6 +83,11 @@ def weight_bytes(model) -> int:
     return per_layer + nbytes(model.lm_head)
 
 
+def graphs_mode(loaded) -> str:
+    """On a GPU a benchmark must replay CUDA graphs: a failed capture is an error, not a slower eager run."""
+    return "require" if loaded.ops.device.type == "cuda" else "auto"
+
+
 def single_stream(loaded, args, decode_tokens: int = 128) -> dict[str, float]:
     """Batch-1 decode after a 16-token prompt, and a 512-token prefill, each the best of 3."""
     from engine.config import EngineConfig
@@ -90,7 +95,7 @@ def single_stream(loaded, args, decode_tokens: int = 128) -> dict[str, float]:
     from engine.core.sampling import SamplingParams
 
     cfg = EngineConfig(model=args.model, device=loaded.ops.device.type, max_model_len=1024, kv_cache_gib=0.5,
-                       max_num_seqs=1, max_num_batched_tokens=2048)
+                       max_num_seqs=1, max_num_batched_tokens=2048, cuda_graphs=graphs_mode(loaded))
     eng = LLMEngine(cfg, loaded)
     vocab = loaded.config.vocab_size
     eng.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
@@ -176,7 +181,8 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     for n in args.seqs:
         cfg = EngineConfig(model=args.model, device=cfg.device, max_model_len=512, kv_cache_gib=0.5,
-                           max_num_seqs=n, max_num_batched_tokens=max(2048, n), threads=args.threads)
+                           max_num_seqs=n, max_num_batched_tokens=max(2048, n), threads=args.threads,
+                           cuda_graphs=graphs_mode(loaded))
         eng = LLMEngine(cfg, loaded)
         eng.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=2))  # warm-up
         t0 = time.perf_counter()

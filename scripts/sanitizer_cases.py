@@ -191,7 +191,7 @@ def paged_attention(dev: torch.device) -> str:
 @case
 def split_kv(dev: torch.device) -> str:
     _attn(dev, [1, 1, 1], [300, 77, 16], splits=4)
-    return "paged_attention split-KV: 3 decodes, 4 splits + reduce"
+    return "paged_attention split-KV: 3 decodes, 4 splits merged by the last to arrive"
 
 
 @case

@@ -53,7 +53,8 @@ class PackedWeight:
     m: torch.Tensor | None = None
     sc: torch.Tensor | None = None
     mn: torch.Tensor | None = None
-    pair: int = 0  # > 0: rows [0, pair) and [pair, 2 * pair) are a gate and an up matrix (fused epilogue)
+    pair: int = 0  # > 0: rows [0, pair) and [pair, 2 * pair) are a gate and an up matrix (fused epilogue);
+    # set by TritonOps.prepare_gate_up when `pair` is a multiple of 8, so up's row groups follow gate's
 
     @property
     def rows(self) -> int:
@@ -128,21 +129,8 @@ def pack(qt) -> PackedWeight:
     planes: dict[str, torch.Tensor] = {"q": _interleave(_words(f["q"], qbits), n_pad)}
     if hbits:
         planes["h"] = _interleave(_words(f["h"], hbits), n_pad)
-    for name in ("d", "m"):
-        if name in f:
-            planes[name] = _interleave(f[name].contiguous(), n_pad)
-    for name in ("sc", "mn"):
+    for name in ("d", "m", "sc", "mn"):
         if name in f:
             planes[name] = _interleave(f[name].contiguous(), n_pad)
     return PackedWeight(qt.name, t, (n, k), **planes)
 
-
-def concat_pair(gate: PackedWeight, up: PackedWeight) -> PackedWeight:
-    """[gate; up] as one matrix whose GEMV epilogue can apply the gated activation (rows of the
-    gate are a multiple of 8, so up's row groups follow gate's exactly)."""
-    if gate.shape != up.shape or gate.ggml_type != up.ggml_type or gate.shape[0] % ROWS:
-        raise ValueError("gate and up must have one type, one shape and rows a multiple of 8")
-    cat = {f: torch.cat([getattr(gate, f), getattr(up, f)]) for f in ("q", "h", "d", "m", "sc", "mn")
-           if getattr(gate, f) is not None}
-    return PackedWeight(f"{gate.name}+{up.name}", gate.ggml_type, (2 * gate.shape[0], gate.shape[1]), **cat,
-                        pair=gate.shape[0])

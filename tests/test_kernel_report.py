@@ -74,11 +74,14 @@ def test_report_on_smollm2_decode(smollm2_path, tmp_path) -> None:
         assert x["model"] == "smollm2-135m-instruct" and x["M"] == 1 and x["kernel"] == "gemv"
         assert x["ggml_type"] == ("Q8_0" if x["weights"] == "lm_head" else "Q4_1")
         assert x["instr_per_weight"] > 0 and x["regs"] > 0 and x["ctas"] > 0 and x["spills"] == 0
-        assert x["widest_load_bytes"] in (1, 2, 4, 8, 16) and x["shfl_in_loop"] >= 0
+        # the packed GEMV (issue 11): 16-byte quant loads, no shuffles in the K loop, <= 1.5x the issue budget
+        assert x["widest_load_bytes"] == 16 and x["shfl_in_loop"] == 0 and x["issue_bw_ratio"] <= 1.5
         bpw = 34 / 32 if x["ggml_type"] == "Q8_0" else 20 / 32
         assert x["issue_bw_ratio"] == pytest.approx(x["instr_per_weight"] / 33.4 / (bpw / 4.8), abs=0.01)
     detail = data["kernels_per_token_detail"]["smollm2-135m-instruct"]
-    assert data["kernels_per_token"]["smollm2-135m-instruct"] == detail["total"] >= 4 * 30 + 1 + 30 * 3
+    # per layer: the 4 GEMVs, rope + KV store, attention; norms ride on the GEMVs (issue 11: <= 200)
+    assert data["kernels_per_token"]["smollm2-135m-instruct"] == detail["total"]
+    assert 4 * 30 + 1 + 30 * 2 <= detail["total"] <= 200
     attn = [o for o in data["other_kernels"] if o["kernel"] == "attention._attn_kernel"]
     assert attn and attn[0]["launches"] == 30 and attn[0]["phase"] == "forward"
     assert "| kernels per decoded token" in r.stdout

@@ -77,9 +77,13 @@ def test_real_unaligned_shapes_with_split_k(t: int, K: int, M: int) -> None:
 @pytest.mark.parametrize("M", [1, 5])
 @pytest.mark.parametrize("act", [1, 2], ids=["silu", "gelu"])
 def test_gate_up_pair_applies_the_activation_in_the_epilogue(M: int, act: int) -> None:
+    from kernels.triton_backend import TritonOps
+
     gate, gw = _pair(L.Q4_K, 16, 256, 1)
     up, uw = _pair(L.Q4_K, 16, 256, 2)
-    pair = P.concat_pair(P.pack(gate), P.pack(up))
+    both = QuantTensor("gate+up", L.Q4_K, (32, 256), torch.cat([gate.data, up.data]))
+    pair = TritonOps(torch.device(DEV), dtype=torch.float32).prepare_gate_up(both, 16)
+    assert pair.pair == 16
     x = torch.randn(M, 256, generator=torch.Generator().manual_seed(3)).to(DEV)
     g, u = x.double().cpu() @ gw.T, x.double().cpu() @ uw.T
     a = g * torch.sigmoid(g) if act == 1 else 0.5 * g * (1 + torch.tanh(0.7978845608028654 * (g + 0.044715 * g**3)))

@@ -63,20 +63,6 @@ class Ops(Protocol):
     ) -> torch.Tensor: ...
 
 
-def unfused_gated_linear(ops: Ops, x: torch.Tensor, w: Any, gelu: bool) -> torch.Tensor:
-    """gated_linear as a matmul, a split and the activation op (backends without a fused epilogue)."""
-    gate, up = ops.linear(x, w).chunk(2, dim=-1)
-    return ops.gelu_tanh_mul(gate, up) if gelu else ops.silu_mul(gate, up)
-
-
-def unfused_linear_residual_norm(ops: Ops, x: torch.Tensor, w: Any, residual: torch.Tensor, norm_w: torch.Tensor,
-                                 eps: float, post_w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    y = ops.linear(x, w)
-    if post_w is not None:
-        y, _ = ops.rms_norm(y, post_w, eps)
-    return ops.rms_norm(y, norm_w, eps, residual)
-
-
 def backend(device: str | torch.device = "cpu", cpu_weights: str = "auto", threads: int = 0) -> Ops:
     """`cpu_weights`: "auto" (quantized C kernels where they build) or "exact" (dense fp32);
     `threads`: CPU kernel threads (0: torch's intra-op count, i.e. the cores)."""

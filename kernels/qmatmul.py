@@ -211,6 +211,18 @@ def split_for(n_programs: int, K: int, block_k: int, sms: int) -> int:
     return max(1, min(triton.cdiv(target, n_programs), steps // 2, 32))
 
 
+def _output(x: torch.Tensor, n: int, bias: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """Check bias [n] and `out` ([..., n] in x.dtype, contiguous); a new output tensor when out is None."""
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"qmatmul: bias must be a contiguous [{n}] tensor, got {tuple(bias.shape)}")
+    shape = (*x.shape[:-1], n)
+    if out is None:
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    if out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"qmatmul: out must be a contiguous {x.dtype} tensor of shape {shape}")
+    return out
+
+
 def qmatmul(
     x: torch.Tensor, w, config=None, split: int | None = None, out: torch.Tensor | None = None,
     bias: torch.Tensor | None = None, act: int = 0, tail: qmatmul_packed.NormTail | None = None,
@@ -233,15 +245,9 @@ def qmatmul(
         raise ValueError(f"qmatmul: x {tuple(x.shape)} does not match weight {w.name!r} of shape {tuple(w.shape)}")
     sub = L.sub_size(w.ggml_type)
     L.row_bytes(w.ggml_type, K)  # raises for an unsupported type or a K that is not whole blocks
-    if bias is not None and (bias.shape != (N,) or not bias.is_contiguous()):
-        raise ValueError(f"qmatmul: bias must be a contiguous [{N}] tensor, got {tuple(bias.shape)}")
+    out = _output(x, N, bias, out)
     has_bias = bias is not None
     b = bias if has_bias else x  # a placeholder pointer, never read
-    shape = (*x.shape[:-1], N)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    elif out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"qmatmul: out must be a contiguous {x.dtype} tensor of shape {shape}")
     x = x.reshape(-1, K)
     M = x.shape[0]
     if M == 0 or N == 0:
@@ -287,13 +293,7 @@ def _qmatmul_packed(x: torch.Tensor, w: PackedWeight, config, split: int | None,
     if act and not w.pair:
         raise ValueError(f"qmatmul: {w.name!r} is not a [gate; up] pair")
     n_out = w.pair if act else N
-    if bias is not None and (bias.shape != (n_out,) or not bias.is_contiguous()):
-        raise ValueError(f"qmatmul: bias must be a contiguous [{n_out}] tensor, got {tuple(bias.shape)}")
-    shape = (*x.shape[:-1], n_out)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    elif out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"qmatmul: out must be a contiguous {x.dtype} tensor of shape {shape}")
+    out = _output(x, n_out, bias, out)
     x2 = x.reshape(-1, K)
     if x2.shape[0] == 0 or n_out == 0:
         return out
@@ -302,6 +302,6 @@ def _qmatmul_packed(x: torch.Tensor, w: PackedWeight, config, split: int | None,
     cc, sms = _device_info(x.device)
     if tail is not None and (tail.residual.shape != out.shape or not tail.residual.is_contiguous()
                              or tail.h_out.shape != out.shape or not tail.h_out.is_contiguous()):
-        raise ValueError(f"qmatmul: the residual and h_out must be contiguous {tuple(shape)} tensors")
+        raise ValueError(f"qmatmul: the residual and h_out must be contiguous {tuple(out.shape)} tensors")
     qmatmul_packed.matmul(x2, w, out.view(-1, n_out), bias, act, cc, sms, config, split, tail)
     return out

@@ -21,18 +21,25 @@ __all__ = ["rope", "rope_store_kv"]
 
 
 @triton.jit
-def _rotate_heads(src, dst, s_h, s_dh, n_heads, cos, sin, NH_P: tl.constexpr, HALF: tl.constexpr,
-                  HALF_P: tl.constexpr, HEAD_DIM: tl.constexpr, PASS_P: tl.constexpr, NEOX: tl.constexpr,
-                  COPY_PASS: tl.constexpr):
+def _pairs(n_heads, NH_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, NEOX: tl.constexpr):
+    """Heads [NH_P, 1], the two offsets of each rotated pair [1, HALF_P] (neox: j and j + HALF;
+    interleaved: 2j and 2j + 1) and their mask."""
     h = tl.arange(0, NH_P)[:, None]
     j = tl.arange(0, HALF_P)[None, :]
-    m = (h < n_heads) & (j < HALF)
     if NEOX:
         i1 = j
         i2 = j + HALF
     else:
         i1 = 2 * j
         i2 = 2 * j + 1
+    return h, i1, i2, (h < n_heads) & (j < HALF)
+
+
+@triton.jit
+def _rotate_heads(src, dst, s_h, s_dh, n_heads, cos, sin, NH_P: tl.constexpr, HALF: tl.constexpr,
+                  HALF_P: tl.constexpr, HEAD_DIM: tl.constexpr, PASS_P: tl.constexpr, NEOX: tl.constexpr,
+                  COPY_PASS: tl.constexpr):
+    h, i1, i2, m = _pairs(n_heads, NH_P, HALF, HALF_P, NEOX)
     x1 = tl.load(src + h * s_h + i1, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(src + h * s_h + i2, mask=m, other=0.0).to(tl.float32)
     ty = dst.dtype.element_ty
@@ -92,15 +99,7 @@ def _norm_rope_heads(src, s_h, n_heads, cos, sin, w_ptr, eps, NH_P: tl.constexpr
                      HAS_PASS: tl.constexpr, HAS_NORM: tl.constexpr):
     """Rotated pair halves and the pass-through tail of `n_heads` heads, fp32, each head first
     RMS-normalized (HAS_NORM: weight `w_ptr`, rounded to the input dtype as the unfused norm stores it)."""
-    h = tl.arange(0, NH_P)[:, None]
-    j = tl.arange(0, HALF_P)[None, :]
-    m = (h < n_heads) & (j < HALF)
-    if NEOX:
-        i1 = j
-        i2 = j + HALF
-    else:
-        i1 = 2 * j
-        i2 = 2 * j + 1
+    h, i1, i2, m = _pairs(n_heads, NH_P, HALF, HALF_P, NEOX)
     d = 2 * HALF + tl.arange(0, PASS_P)[None, :]
     pm = (h < n_heads) & (d < HEAD_DIM)
     x1 = tl.load(src + h * s_h + i1, mask=m, other=0.0)
@@ -116,8 +115,8 @@ def _norm_rope_heads(src, s_h, n_heads, cos, sin, w_ptr, eps, NH_P: tl.constexpr
         if HAS_PASS:
             ss += tl.sum(xp * xp, 1)
         inv = tl.rsqrt(ss / HEAD_DIM + eps)[:, None]
-        x1 = (x1 * inv * tl.load(w_ptr + i1, mask=j < HALF, other=0.0).to(tl.float32)).to(ty).to(tl.float32)
-        x2 = (x2 * inv * tl.load(w_ptr + i2, mask=j < HALF, other=0.0).to(tl.float32)).to(ty).to(tl.float32)
+        x1 = (x1 * inv * tl.load(w_ptr + i1, mask=i2 < 2 * HALF, other=0.0).to(tl.float32)).to(ty).to(tl.float32)
+        x2 = (x2 * inv * tl.load(w_ptr + i2, mask=i2 < 2 * HALF, other=0.0).to(tl.float32)).to(ty).to(tl.float32)
         if HAS_PASS:
             xp = (xp * inv * tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)).to(ty).to(tl.float32)
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin, xp
@@ -126,15 +125,7 @@ def _norm_rope_heads(src, s_h, n_heads, cos, sin, w_ptr, eps, NH_P: tl.constexpr
 @triton.jit
 def _store_heads(dst, s_h, o1, o2, op, n_heads, NH_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PASS_P: tl.constexpr, NEOX: tl.constexpr, HAS_PASS: tl.constexpr):
-    h = tl.arange(0, NH_P)[:, None]
-    j = tl.arange(0, HALF_P)[None, :]
-    m = (h < n_heads) & (j < HALF)
-    if NEOX:
-        i1 = j
-        i2 = j + HALF
-    else:
-        i1 = 2 * j
-        i2 = 2 * j + 1
+    h, i1, i2, m = _pairs(n_heads, NH_P, HALF, HALF_P, NEOX)
     ty = dst.dtype.element_ty
     tl.store(dst + h * s_h + i1, o1.to(ty), mask=m)
     tl.store(dst + h * s_h + i2, o2.to(ty), mask=m)

@@ -8,9 +8,10 @@ import torch
 
 from . import reference as ref
 from .metadata import AttentionMetadata
+from .unfused import UnfusedEpilogues
 
 
-class TorchOps:
+class TorchOps(UnfusedEpilogues):
     name = "torch"
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
@@ -38,19 +39,6 @@ class TorchOps:
 
     def rope(self, q, k, positions, cos_sin, neox):
         return ref.rope(q, k, positions, cos_sin, neox)
-
-    def prepare_gate_up(self, qt: Any, rows: int) -> Any:
-        return self.prepare_weight(qt)
-
-    def gated_linear(self, x: torch.Tensor, w: Any, gelu: bool) -> torch.Tensor:
-        from kernels import unfused_gated_linear
-
-        return unfused_gated_linear(self, x, w, gelu)
-
-    def linear_residual_norm(self, x, w, residual, norm_w, eps, post_w=None):
-        from kernels import unfused_linear_residual_norm
-
-        return unfused_linear_residual_norm(self, x, w, residual, norm_w, eps, post_w)
 
     def silu_mul(self, gate, up):
         return ref.silu_mul(gate, up)

@@ -72,22 +72,22 @@ class TritonOps:
         return replace(w, pair=rows) if isinstance(w, PackedWeight) and rows % 8 == 0 else w
 
     def gated_linear(self, x: torch.Tensor, w: Any, gelu: bool) -> torch.Tensor:
-        from . import unfused_gated_linear
+        from . import unfused
         from .qmatmul import qmatmul
 
         if getattr(w, "pair", 0):
             return qmatmul(x, w, act=2 if gelu else 1)
-        return unfused_gated_linear(self, x, w, gelu)
+        return unfused.gated_linear(self, x, w, gelu)
 
     def linear_residual_norm(self, x, w, residual, norm_w, eps, post_w=None):
         """The matmul, then in the same launch the residual add and RMSNorm of each finished row."""
-        from . import unfused_linear_residual_norm
+        from . import unfused
         from .packed import PackedWeight
         from .qmatmul import qmatmul
         from .qmatmul_packed import NormTail
 
         if not isinstance(w, PackedWeight) or residual.dtype != x.dtype or not residual.is_contiguous():
-            return unfused_linear_residual_norm(self, x, w, residual, norm_w, eps, post_w)
+            return unfused.linear_residual_norm(self, x, w, residual, norm_w, eps, post_w)
         h = torch.empty_like(residual)
         return qmatmul(x, w, tail=NormTail(residual, norm_w, eps, h, post_w)), h
 

@@ -123,8 +123,8 @@ def test_unpacked_types_are_refused() -> None:
 def test_residual_add_and_rmsnorm_in_the_matmul_launch(M: int, split: int, post: bool) -> None:
     """linear_residual_norm on the Triton backend (the row tail in the matmul's launch) against the
     unfused ops: matmul, [post-norm], residual add + RMSNorm."""
-    from kernels import unfused_linear_residual_norm
     from kernels.triton_backend import TritonOps
+    from kernels.unfused import linear_residual_norm as unfused_linear_residual_norm
 
     ops = TritonOps(torch.device(DEV), dtype=torch.float32)
     qt, _ = _pair(L.Q4_K, 44, 256, 9)  # 44 rows: the last 8-row group and the last N tile are partial

@@ -18,6 +18,7 @@ import torch
 from .. import quant_layouts as L
 from .. import reference as ref
 from ..metadata import AttentionMetadata
+from ..unfused import UnfusedEpilogues
 from . import build
 from .pack import PackedWeight, pack, supported, unpack_rows
 
@@ -34,7 +35,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-class CpuOps:
+class CpuOps(UnfusedEpilogues):
     name = "cpu"
 
     def __init__(self, threads: int = 0, lib: ctypes.CDLL | None = None) -> None:
@@ -134,19 +135,6 @@ class CpuOps:
         out = torch.empty(T, I)
         self.lib.lt_gated_act(gate.data_ptr(), up.data_ptr(), gate.stride(0), up.stride(0), T, I, out.data_ptr(), kind)
         return out
-
-    def prepare_gate_up(self, qt: Any, rows: int) -> Any:
-        return self.prepare_weight(qt)
-
-    def gated_linear(self, x: torch.Tensor, w: Any, gelu: bool) -> torch.Tensor:
-        from kernels import unfused_gated_linear
-
-        return unfused_gated_linear(self, x, w, gelu)
-
-    def linear_residual_norm(self, x, w, residual, norm_w, eps, post_w=None):
-        from kernels import unfused_linear_residual_norm
-
-        return unfused_linear_residual_norm(self, x, w, residual, norm_w, eps, post_w)
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self._gated(gate, up, 0)

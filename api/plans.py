@@ -221,7 +221,11 @@ class ChatPlan:
 
 def prepare_chat(progress: Progress, ctx: AppContext, raw: bytearray) -> ChatPlan:
     """A /v1/chat/completions body -> the engine jobs (one per choice) and the tool plan."""
-    req = parse_body(ChatCompletionRequest, decode_json(raw))
+    return plan_chat(progress, ctx, parse_body(ChatCompletionRequest, decode_json(raw)))
+
+
+def plan_chat(progress: Progress, ctx: AppContext, req: ChatCompletionRequest) -> ChatPlan:
+    """A validated chat request -> its plan (also what /v1/messages translates its bodies into)."""
     check_model(ctx, req.model)
     max_tokens = resolve_max_tokens(req, req.max_completion_tokens, default=None)
     if max_tokens == 0:

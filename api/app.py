@@ -17,10 +17,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import native, openai, tokenizer_api
+from . import messages, native, openai, tokenizer_api
 from .auth import APIKeyMiddleware, load_keys
 from .context import AppContext
 from .errors import EXCEPTION_HANDLERS, APIError, CatchAllMiddleware, loading
+from .messages_errors import AnthropicErrors
 from .metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -94,6 +95,8 @@ ROUTES = [
     Route("/v1/completions", openai.completions, methods=["POST"]),
     Route("/completions", openai.completions, methods=["POST"]),
     Route("/completion", native.completion, methods=["POST"]),
+    Route("/v1/messages", messages.messages, methods=["POST"]),
+    Route("/v1/messages/count_tokens", messages.count_tokens, methods=["POST"]),
     Route("/tokenize", tokenizer_api.tokenize, methods=["POST"]),
     Route("/detokenize", tokenizer_api.detokenize, methods=["POST"]),
     Route("/tokenizer_info", tokenizer_api.tokenizer_info, methods=["GET"]),
@@ -105,12 +108,13 @@ ROUTES = [
 
 def create_app(engine: AsyncEngine, settings: ServerSettings) -> Starlette:
     ctx = AppContext(engine, settings)
-    middleware = [Middleware(CatchAllMiddleware)]
+    middleware = [Middleware(AnthropicErrors), Middleware(CatchAllMiddleware)]  # outermost: reshapes every error
     if settings.cors_origin:
         # outermost, so preflight OPTIONS is answered before the key check
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origin),
                                      allow_methods=["GET", "POST", "OPTIONS"],
-                                     allow_headers=["Authorization", "Content-Type", "X-Api-Key"],
+                                     allow_headers=["Authorization", "Content-Type", "X-Api-Key",
+                                                    "Anthropic-Version", "Anthropic-Beta"],
                                      expose_headers=["Retry-After"], max_age=600))
     keys = load_keys(settings.api_key, settings.api_key_file or None)
     ctx.auth_required = bool(keys)

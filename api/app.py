@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import messages, native, openai, tokenizer_api
+from . import messages, native, openai, responses, tokenizer_api
 from .auth import APIKeyMiddleware, load_keys
 from .context import AppContext
 from .errors import EXCEPTION_HANDLERS, APIError, CatchAllMiddleware, loading
@@ -97,6 +97,8 @@ ROUTES = [
     Route("/completion", native.completion, methods=["POST"]),
     Route("/v1/messages", messages.messages, methods=["POST"]),
     Route("/v1/messages/count_tokens", messages.count_tokens, methods=["POST"]),
+    Route("/v1/responses", responses.responses, methods=["POST"]),
+    Route("/v1/responses/input_tokens", responses.input_tokens, methods=["POST"]),
     Route("/tokenize", tokenizer_api.tokenize, methods=["POST"]),
     Route("/detokenize", tokenizer_api.detokenize, methods=["POST"]),
     Route("/tokenizer_info", tokenizer_api.tokenizer_info, methods=["GET"]),

@@ -6,6 +6,10 @@ formats, tool_choice and text.format grammars, limits, engine), then answered as
 (api/responses_stream.py) or their fold. Nothing is stored: `store: true` is accepted and stores
 nothing, and `previous_response_id` / `conversation` are a 400 `previous_response_not_found`.
 Errors are OpenAI's shape, with params named in the Responses request's terms.
+
+`max_output_tokens` is a ceiling, as OpenAI treats it: agents send one value whatever the model,
+so it is lowered to what the context leaves after the prompt (the response is then `incomplete`
+with reason max_output_tokens); only a prompt that fills the context is a 400.
 """
 
 from __future__ import annotations
@@ -52,7 +56,12 @@ def _translated(fn: Any) -> Any:
 
 def prepare_responses(progress: Progress, ctx: AppContext, raw: bytearray) -> ResponsesPlan:
     req = _parse(ResponsesRequest, raw)
-    return ResponsesPlan(req, _translated(lambda: plan_chat(progress, ctx, to_chat(req))))
+    plan = _translated(lambda: plan_chat(progress, ctx, to_chat(req)))
+    room = ctx.engine.config.max_model_len - len(plan.prompt_ids)
+    for job in plan.jobs:
+        if room >= 1 and job.params.max_tokens is not None and job.params.max_tokens > room:
+            job.params.max_tokens = room  # a ceiling; a prompt with no room left fails in Run.start
+    return ResponsesPlan(req, plan)
 
 
 def input_tokens_of(progress: Progress, ctx: AppContext, raw: bytearray) -> int:

@@ -149,9 +149,11 @@ class ResponseState:
         return evs
 
 
+_STATUS = {"aborted": 503, "engine_unavailable": 503, "overloaded": 503, "context_length_exceeded": 400}
+
+
 def _error(e: APIError) -> dict[str, Any]:
-    return {"code": e.code or ("server_error" if e.status >= 500 else "invalid_request"), "message": e.message,
-            "status": e.status}
+    return {"code": e.code or ("server_error" if e.status >= 500 else "invalid_request"), "message": e.message}
 
 
 async def response_events(ctx: Any, req: Any, run: Run, tools: Any) -> AsyncIterator[dict[str, Any]]:
@@ -208,7 +210,7 @@ async def fold_response(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]
         last = ev
     if last.get("type") == "response.failed":
         err = last["response"]["error"]
-        raise APIError(err["status"], err["message"], code=err["code"])
+        raise APIError(_STATUS.get(err["code"], 500), err["message"], code=err["code"])
     return last["response"]
 
 

@@ -260,3 +260,16 @@ def test_qwen_instructions_and_developer_message_merge(qwen) -> None:
         model="qwen", input=[{"role": "system", "content": "You are a calculator.\n\nReply with the number only."},
                              {"role": "user", "content": "What is 2+2?"}])
     assert r.usage.input_tokens == merged.input_tokens
+
+
+def test_max_output_tokens_is_a_ceiling_and_reasoning_items_dropped(client) -> None:
+    r = client.responses.create(model="smollm2", input="Say hi.", max_output_tokens=100_000, temperature=0)
+    assert r.status in ("completed", "incomplete") and r.max_output_tokens == 100_000
+    turns = [{"role": "user", "content": "Hi"},
+             {"type": "message", "role": "assistant", "status": "completed",
+              "content": [{"type": "output_text", "text": "Hello!", "annotations": []}]},
+             {"role": "user", "content": "Bye"}]
+    with_reasoning = turns[:1] + [{"type": "reasoning", "id": "rs_1", "summary": []}] + turns[1:]
+    a = client.responses.input_tokens.count(model="smollm2", input=turns)
+    b = client.responses.input_tokens.count(model="smollm2", input=with_reasoning)
+    assert a.input_tokens == b.input_tokens > 0

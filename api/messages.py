@@ -12,7 +12,6 @@ answer then ends with stop_reason "max_tokens"); only a prompt that fills the co
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +22,9 @@ from .context import AppContext
 from .messages_schema import CountTokensRequest, MessagesRequest, to_chat
 from .messages_stream import MessagesSSE, fold_message, message_events, new_id
 from .offload import Progress
-from .plans import ChatPlan, chat_prompt, check_sizes, decode_json, message_chars, plan_chat, plan_tools
-from .runs import ClientGone, Run, read_body, until_disconnect
-from .schemas import ChatCompletionRequest
+from .openai import respond
+from .plans import ChatPlan, cap_to_context, count_prompt_tokens, decode_json, plan_chat
+from .runs import Run, read_body
 
 
 def _parse(cls: type, raw: bytearray) -> Any:
@@ -46,26 +45,14 @@ class MessagesPlan:
 def prepare_messages(progress: Progress, ctx: AppContext, raw: bytearray) -> MessagesPlan:
     req = _parse(MessagesRequest, raw)
     plan = plan_chat(progress, ctx, to_chat(req))
-    room = ctx.engine.config.max_model_len - len(plan.prompt_ids)
-    for job in plan.jobs:
-        if room >= 1 and job.params.max_tokens is not None and job.params.max_tokens > room:
-            job.params.max_tokens = room  # a ceiling; a prompt with no room left fails in Run.start
+    cap_to_context(ctx, plan)
     return MessagesPlan(req, plan)
 
 
 def count_tokens_of(progress: Progress, ctx: AppContext, raw: bytearray) -> int:
     """The prompt the same request would generate from: system, tools and tool instructions included."""
-    from .plans import check_model
 
-    chat: ChatCompletionRequest = to_chat(_parse(CountTokensRequest, raw))
-    check_model(ctx, chat.model)
-    sizes = [(f"messages[{i}].content", message_chars(m)) for i, m in enumerate(chat.messages)]
-    if chat.tools:
-        sizes.append(("tools", len(json.dumps([t.model_dump(exclude_none=True) for t in chat.tools]))))
-    check_sizes(ctx, sizes, "messages")
-    tools = plan_tools(ctx, chat, progress)
-    prompt = chat_prompt(ctx, tools.messages, tools.template_tools, None, True, progress)
-    return len(prompt.token_ids)
+    return count_prompt_tokens(progress, ctx, to_chat(_parse(CountTokensRequest, raw)))
 
 
 async def messages(request: Request) -> Response:
@@ -74,19 +61,7 @@ async def messages(request: Request) -> Response:
     plan = await ctx.offload.run(prepare_messages, ctx, await read_body(request, ctx))
     run = Run(ctx, plan.chat.jobs, param="messages")
     events = message_events(ctx, run, plan.chat.tools, new_id("msg_"))
-    try:
-        await until_disconnect(request, run.start())
-    except ClientGone:
-        return Response(status_code=499)
-    if plan.req.stream:
-        return MessagesSSE(events, run.close)  # type: ignore[return-value]
-    try:
-        body = await until_disconnect(request, fold_message(events))
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        await run.close()
-    return JSONResponse(body)
+    return await respond(request, run, events, plan.req.stream, fold_message, sse=MessagesSSE)
 
 
 async def count_tokens(request: Request) -> Response:

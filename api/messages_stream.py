@@ -12,30 +12,18 @@ no event is due (a long prefill) and reports errors in-band as an `error` event.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
-import secrets
-import string
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.types import Send
-
 from .errors import APIError
 from .messages_errors import anthropic_error
-from .runs import Run, SSEResponse
+from .runs import NamedEventSSE, Run, named_event_bytes, new_id
 
 log = logging.getLogger("llamatron.api")
 
 KEEPALIVE_S = 5.0  # a ping when nothing else was sent for this long
-_ALNUM = string.ascii_letters + string.digits
-
-
-def new_id(prefix: str) -> str:
-    return prefix + "".join(secrets.choice(_ALNUM) for _ in range(24))
-
 
 def _usage(input_tokens: int, output_tokens: int, cached: int) -> dict[str, int]:
     return {"input_tokens": input_tokens, "output_tokens": output_tokens, "cache_creation_input_tokens": 0,
@@ -152,52 +140,15 @@ async def fold_message(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
     return msg
 
 
-def event_bytes(ev: dict[str, Any]) -> bytes:
-    data = json.dumps(ev, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {ev['type']}\ndata: {data}\n\n".encode()
+PING = named_event_bytes({"type": "ping"})
 
 
-PING = event_bytes({"type": "ping"})
+class MessagesSSE(NamedEventSSE):
+    """Anthropic's framing: `ping` events as the keep-alive, errors as Anthropic error events."""
 
-
-class MessagesSSE(SSEResponse):
-    """SSEResponse (disconnect watching, run.close on exit) with Anthropic's framing."""
-
+    keepalive = PING
     keepalive_s = KEEPALIVE_S
 
-    def __init__(self, events: AsyncIterator[dict[str, Any]], on_close: Any) -> None:
-        super().__init__(events, on_close, done_marker=False)
-
-    async def _pump(self, send: Send) -> None:
-        async def body(data: bytes) -> None:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-
-        it = self.events.__aiter__()
-        nxt: asyncio.Future | None = None
-        try:
-            while True:
-                if nxt is None:
-                    nxt = asyncio.ensure_future(it.__anext__())
-                done, _ = await asyncio.wait({nxt}, timeout=self.keepalive_s)
-                if not done:
-                    await body(PING)
-                    continue
-                try:
-                    ev = nxt.result()
-                except StopAsyncIteration:
-                    break
-                finally:
-                    if nxt.done():
-                        nxt = None
-                await body(event_bytes(ev))
-        except APIError as e:
-            await body(event_bytes(anthropic_error(e)))
-        except Exception as e:  # noqa: BLE001 - headers are out: report in-band, log, end cleanly
-            log.exception("stream failed")
-            await body(event_bytes(anthropic_error(APIError(500, f"Generation failed: {type(e).__name__}"))))
-        finally:
-            if nxt is not None and not nxt.done():
-                nxt.cancel()
-                with contextlib.suppress(BaseException):
-                    await nxt
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    def error_event(self, e: Exception) -> dict[str, Any]:
+        err = e if isinstance(e, APIError) else APIError(500, f"Generation failed: {type(e).__name__}")
+        return anthropic_error(err)

@@ -147,13 +147,16 @@ def _message(st: dict[str, Any]) -> dict[str, Any]:
 
 
 async def respond(request: Request, run: Run, events: AsyncIterator[dict[str, Any]], stream: bool,
-                  fold: Any, done_marker: bool = True) -> Response:
-    """Starts the run (errors become statuses), then streams or folds the same events."""
+                  fold: Any, done_marker: bool = True, sse: Any = None) -> Response:
+    """Starts the run (errors become statuses), then streams (`sse(events, on_close)`, by default
+    chat's SSEResponse) or folds the same events."""
     try:
         await until_disconnect(request, run.start())
     except ClientGone:
         return Response(status_code=499)
     if stream:
+        if sse is not None:
+            return sse(events, run.close)
         return SSEResponse(events, run.close, done_marker)  # type: ignore[return-value]
     try:
         body = await until_disconnect(request, fold(events))

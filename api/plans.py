@@ -306,3 +306,25 @@ def prepare_completion(progress: Progress, ctx: AppContext, raw: bytearray) -> C
             params.grammar = grammar.new_state() if grammar is not None else None
             jobs.append(Job(ids, params, p * req.n + i))
     return CompletionPlan(req, prompts, jobs, drop)
+
+
+def cap_to_context(ctx: AppContext, plan: ChatPlan) -> None:
+    """max tokens as a ceiling (agent APIs send one value whatever the model): lowered to the room the
+    context leaves after the prompt; a prompt with no room left still fails in Run.start."""
+    room = ctx.engine.config.max_model_len - len(plan.prompt_ids)
+    for job in plan.jobs:
+        if room >= 1 and job.params.max_tokens is not None and job.params.max_tokens > room:
+            job.params.max_tokens = room
+
+
+def count_prompt_tokens(progress: Progress, ctx: AppContext, chat: ChatCompletionRequest) -> int:
+    """Tokens of the prompt a chat request would generate from (system, tools and tool instructions
+    included), under the same size checks, without compiling any grammar."""
+    check_model(ctx, chat.model)
+    sizes = [(f"messages[{i}].content", message_chars(m)) for i, m in enumerate(chat.messages)]
+    if chat.tools:
+        sizes.append(("tools", len(json.dumps([t.model_dump(exclude_none=True) for t in chat.tools]))))
+    check_sizes(ctx, sizes, "messages")
+    tools = plan_tools(ctx, chat, progress)
+    prompt = chat_prompt(ctx, tools.messages, tools.template_tools, chat.chat_template_kwargs, True, progress)
+    return len(prompt.token_ids)

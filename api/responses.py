@@ -14,7 +14,6 @@ with reason max_output_tokens); only a prompt that fills the context is a 400.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +24,11 @@ from starlette.responses import JSONResponse, Response
 from .context import AppContext
 from .errors import APIError, from_validation_error, invalid
 from .offload import Progress
-from .plans import ChatPlan, chat_prompt, check_model, check_sizes, decode_json, message_chars, plan_chat, plan_tools
+from .openai import respond
+from .plans import ChatPlan, cap_to_context, count_prompt_tokens, decode_json, plan_chat
 from .responses_request import InputTokensRequest, ResponsesRequest, rename_param, to_chat
 from .responses_stream import ResponsesSSE, fold_response, response_events
-from .runs import ClientGone, Run, read_body, until_disconnect
+from .runs import Run, read_body
 
 
 @dataclass
@@ -57,10 +57,7 @@ def _translated(fn: Any) -> Any:
 def prepare_responses(progress: Progress, ctx: AppContext, raw: bytearray) -> ResponsesPlan:
     req = _parse(ResponsesRequest, raw)
     plan = _translated(lambda: plan_chat(progress, ctx, to_chat(req)))
-    room = ctx.engine.config.max_model_len - len(plan.prompt_ids)
-    for job in plan.jobs:
-        if room >= 1 and job.params.max_tokens is not None and job.params.max_tokens > room:
-            job.params.max_tokens = room  # a ceiling; a prompt with no room left fails in Run.start
+    cap_to_context(ctx, plan)
     return ResponsesPlan(req, plan)
 
 
@@ -69,15 +66,7 @@ def input_tokens_of(progress: Progress, ctx: AppContext, raw: bytearray) -> int:
     req = _parse(InputTokensRequest, raw)
 
     def count() -> int:
-        chat = to_chat(req, count_only=True)
-        check_model(ctx, chat.model)
-        sizes = [(f"messages[{i}].content", message_chars(m)) for i, m in enumerate(chat.messages)]
-        if chat.tools:
-            sizes.append(("tools", len(json.dumps([t.model_dump(exclude_none=True) for t in chat.tools]))))
-        check_sizes(ctx, sizes, "messages")
-        tools = plan_tools(ctx, chat, progress)
-        prompt = chat_prompt(ctx, tools.messages, tools.template_tools, chat.chat_template_kwargs, True, progress)
-        return len(prompt.token_ids)
+        return count_prompt_tokens(progress, ctx, to_chat(req, count_only=True))
 
     return _translated(count)
 
@@ -88,19 +77,7 @@ async def responses(request: Request) -> Response:
     plan = await ctx.offload.run(prepare_responses, ctx, await read_body(request, ctx))
     run = Run(ctx, plan.chat.jobs, param="input")
     events = response_events(ctx, plan.req, run, plan.chat.tools)
-    try:
-        await until_disconnect(request, run.start())
-    except ClientGone:
-        return Response(status_code=499)
-    if plan.req.stream:
-        return ResponsesSSE(events, run.close)  # type: ignore[return-value]
-    try:
-        body = await until_disconnect(request, fold_response(events))
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        await run.close()
-    return JSONResponse(body)
+    return await respond(request, run, events, plan.req.stream, fold_response, sse=ResponsesSSE)
 
 
 async def input_tokens(request: Request) -> Response:

@@ -14,32 +14,18 @@ while no event is due (a long prefill keeps proxies and clients from timing out)
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
-import secrets
-import string
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.types import Send
-
 from .errors import APIError
-from .runs import Run, SSEResponse
+from .runs import NamedEventSSE, Run, new_id
 
 log = logging.getLogger("llamatron.api")
 
 KEEPALIVE_S = 10.0  # an SSE comment when nothing else was sent for this long
-KEEPALIVE = b": keep-alive\n\n"
-_ALNUM = string.ascii_letters + string.digits
-TERMINAL = ("response.completed", "response.incomplete", "response.failed")
-
-
-def new_id(prefix: str) -> str:
-    return prefix + "".join(secrets.choice(_ALNUM) for _ in range(32))
-
 
 def echoed_settings(req: Any) -> dict[str, Any]:
     """The request settings a response object repeats (OpenAI's defaults where not given)."""
@@ -67,7 +53,7 @@ class ResponseState:
 
     def __init__(self, ctx: Any, req: Any, run: Run) -> None:
         self.run, self.seq = run, 0
-        self.id, self.created = new_id("resp_"), int(time.time())
+        self.id, self.created = new_id("resp_", 32), int(time.time())
         self.model, self.settings = ctx.model_id, echoed_settings(req)
         self.output: list[dict[str, Any]] = []
         self.open: dict[str, Any] | None = None  # the item being streamed
@@ -104,7 +90,7 @@ class ResponseState:
     def text(self, delta: str) -> list[dict[str, Any]]:
         evs: list[dict[str, Any]] = []
         if self.open is None or self.open["type"] != "message":
-            evs += self._add({"id": new_id("msg_"), "type": "message", "status": "in_progress",
+            evs += self._add({"id": new_id("msg_", 32), "type": "message", "status": "in_progress",
                               "role": "assistant", "content": []})
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             self.open["content"].append(part)
@@ -119,7 +105,7 @@ class ResponseState:
     def call(self, index: int, call_id: str | None, name: str | None, args: str) -> list[dict[str, Any]]:
         evs: list[dict[str, Any]] = []
         if call_id is not None:
-            evs += self._add({"id": new_id("fc_"), "type": "function_call", "status": "in_progress",
+            evs += self._add({"id": new_id("fc_", 32), "type": "function_call", "status": "in_progress",
                               "arguments": "", "call_id": call_id, "name": name})
             self.calls[index] = self.open
         item = self.calls[index]
@@ -214,43 +200,13 @@ async def fold_response(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]
     return last["response"]
 
 
-def event_bytes(ev: dict[str, Any]) -> bytes:
-    data = json.dumps(ev, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {ev['type']}\ndata: {data}\n\n".encode()
+class ResponsesSSE(NamedEventSSE):
+    """OpenAI's Responses framing: SSE comments as the keep-alive, a failure as an `error` event."""
 
+    @property
+    def keepalive_s(self) -> float:  # type: ignore[override]
+        return KEEPALIVE_S  # read at use: tests shorten it
 
-class ResponsesSSE(SSEResponse):
-    """SSEResponse (disconnect watching, run.close on exit) with `event:` lines and keep-alives."""
-
-    def __init__(self, events: AsyncIterator[dict[str, Any]], on_close: Any) -> None:
-        super().__init__(events, on_close, done_marker=False)
-
-    async def _pump(self, send: Send) -> None:
-        async def body(data: bytes) -> None:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-
-        it = self.events.__aiter__()
-        nxt: asyncio.Future | None = None
-        try:
-            while True:
-                nxt = nxt or asyncio.ensure_future(it.__anext__())
-                done, _ = await asyncio.wait({nxt}, timeout=KEEPALIVE_S)
-                if not done:
-                    await body(KEEPALIVE)
-                    continue
-                fut, nxt = nxt, None
-                try:
-                    ev = fut.result()
-                except StopAsyncIteration:
-                    break
-                await body(event_bytes(ev))
-        except Exception as e:  # noqa: BLE001 - headers are out: report in-band, log, end cleanly
-            log.exception("responses stream failed")
-            await body(event_bytes({"type": "error", "sequence_number": -1, "code": "server_error",
-                                    "message": f"Generation failed: {type(e).__name__}", "param": None}))
-        finally:
-            if nxt is not None and not nxt.done():
-                nxt.cancel()
-                with contextlib.suppress(BaseException):
-                    await nxt
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    def error_event(self, e: Exception) -> dict[str, Any]:
+        return {"type": "error", "sequence_number": -1, "code": "server_error",
+                "message": f"Generation failed: {type(e).__name__}", "param": None}

@@ -14,6 +14,8 @@ import contextlib
 import json
 import logging
 import math
+import secrets
+import string
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -296,3 +298,61 @@ class SSEResponse:
             with contextlib.suppress(BaseException):
                 await self.events.aclose()  # type: ignore[attr-defined]
             await self.on_close()
+
+
+_ALNUM = string.ascii_letters + string.digits
+
+
+def new_id(prefix: str, n: int = 24) -> str:
+    """prefix + n random letters and digits (resp_..., msg_..., toolu_...)."""
+    return prefix + "".join(secrets.choice(_ALNUM) for _ in range(n))
+
+
+def named_event_bytes(ev: dict[str, Any]) -> bytes:
+    """An SSE event named by its `type` (`event:` line + `data:` JSON), as Responses and Messages send."""
+    data = json.dumps(ev, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {ev['type']}\ndata: {data}\n\n".encode()
+
+
+class NamedEventSSE(SSEResponse):
+    """SSEResponse with `event:` lines, no [DONE], and `keepalive` bytes whenever nothing was sent for
+    `keepalive_s` (a long prefill); a failure after the headers is one in-band `error_event`."""
+
+    keepalive: bytes = b": keep-alive\n\n"
+    keepalive_s: float = 10.0
+
+    def __init__(self, events: AsyncIterator[dict[str, Any]], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(events, on_close, done_marker=False)
+
+    def error_event(self, e: Exception) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _pump(self, send: Send) -> None:
+        async def body(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        it = self.events.__aiter__()
+        nxt: asyncio.Future | None = None
+        try:
+            while True:
+                nxt = nxt or asyncio.ensure_future(it.__anext__())
+                done, _ = await asyncio.wait({nxt}, timeout=self.keepalive_s)
+                if not done:
+                    await body(self.keepalive)
+                    continue
+                fut, nxt = nxt, None
+                try:
+                    ev = fut.result()
+                except StopAsyncIteration:
+                    break
+                await body(named_event_bytes(ev))
+        except Exception as e:  # noqa: BLE001 - headers are out: report in-band, log, end cleanly
+            if not isinstance(e, APIError):
+                log.exception("stream failed")
+            await body(named_event_bytes(self.error_event(e)))
+        finally:
+            if nxt is not None and not nxt.done():
+                nxt.cancel()
+                with contextlib.suppress(BaseException):
+                    await nxt
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -118,3 +118,21 @@ def api_server() -> Any:
     srv = start_server()
     yield srv
     srv.stop()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of an unlabelled Prometheus sample in /metrics text (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def settle(srv: RunningServer, timeout: float = 30.0) -> None:
+    """Waits until nothing runs, nothing waits and the API holds no run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = srv.engine.stats()
+        if st.num_running == 0 and st.num_waiting == 0 and not srv.ctx.active:
+            return
+        time.sleep(0.05)

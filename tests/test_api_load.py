@@ -5,31 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 
-from server_fixture import api_server  # noqa: F401  (module-scoped server)
+from server_fixture import api_server, metric, settle  # noqa: F401  (module-scoped server)
 
 LONG = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}], "max_tokens": 400,
         "ignore_eos": True, "temperature": 0.8, "stream": True}
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
-
-
-def settle(srv, timeout: float = 30.0) -> None:  # noqa: ANN001
-    """Waits until nothing runs, nothing waits and the API holds no run."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = srv.engine.stats()
-        if st.num_running == 0 and st.num_waiting == 0 and not srv.ctx.active:
-            return
-        time.sleep(0.05)
 
 
 def test_dropped_streams_free_everything(api_server) -> None:  # noqa: F811

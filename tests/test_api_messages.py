@@ -7,13 +7,12 @@ The SDK no longer has sampling arguments, so greedy decoding is asked for in `ex
 from __future__ import annotations
 
 import json
-import time
 
 import anthropic
 import httpx
 import jsonschema
 import pytest
-from server_fixture import api_server, start_server  # noqa: F401  (module-scoped server)
+from server_fixture import api_server, metric, settle, start_server  # noqa: F401  (module-scoped server)
 
 COLORS = [{"role": "user", "content": "Name three primary colors."}]
 GREEDY = {"temperature": 0}
@@ -24,22 +23,6 @@ WEATHER = {"name": "get_weather", "description": "Get the current weather for a 
 TIME = {"name": "get_time", "description": "Get the local time in a city",
         "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
-
-
-def settle(srv, timeout: float = 30.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = srv.engine.stats()
-        if st.num_running == 0 and st.num_waiting == 0 and not srv.ctx.active:
-            return
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

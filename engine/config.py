@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+# GGUF `<arch>.pooling_type` (llama.cpp's enum) -> pooling name; unspecified (-1) and rank (4): mean
+GGUF_POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last"}
 
 
 class UnsupportedModelError(ValueError):
@@ -45,6 +47,7 @@ class ModelConfig:
     attn_scale: float = 0.0  # 0: 1/sqrt(head_dim)
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
+    pooling: str = "mean"  # embeddings' default pooling (GGUF `<arch>.pooling_type`, else mean)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def layer_is_sliding(self, layer: int) -> bool:
@@ -103,6 +106,9 @@ class ModelConfig:
             rope_neox=arch != "llama",
             tied_embeddings="output.weight" not in names if names else False,
         )
+        pooling_type = meta.get(f"{arch}.pooling_type")
+        if isinstance(pooling_type, int):
+            cfg.pooling = GGUF_POOLING.get(pooling_type, "mean")
         if arch == "qwen2":
             cfg.qkv_bias = True
         if arch == "qwen3":
@@ -139,3 +145,4 @@ class EngineConfig:
     cuda_graphs: bool | str = True  # "auto" (= True) | "require" (capture failure raises) | "off" (= False)
     cpu_weights: str = "auto"  # CPU: "auto" (quantized C kernels) | "exact" (dense fp32 torch reference)
     threads: int = 0  # CPU kernel threads (llama.cpp's -t); 0: the cores torch sees
+    pooling: str = ""  # embeddings: mean | cls | last | none; "": the model's (ModelConfig.pooling)

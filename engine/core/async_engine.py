@@ -18,8 +18,16 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from ..config import EngineConfig
-from .engine import EngineDeadError, EngineOverloadedError, EngineStats, LLMEngine, validate_request
+from .engine import (
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineStats,
+    LLMEngine,
+    validate_embedding,
+    validate_request,
+)
 from .outputs import RequestOutput
+from .pooling import PoolingParams
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -96,6 +104,12 @@ class AsyncEngine:
                     eng.add_request(rid, ids, params, group)
                 except Exception as e:  # noqa: BLE001 - goes back to the caller of generate()
                     self._send(rid, e)
+            elif kind == "embed":
+                _, rid, ids, pooling, group = item
+                try:
+                    eng.add_embedding_request(rid, ids, pooling, group)
+                except Exception as e:  # noqa: BLE001 - goes back to the caller of submit_embedding()
+                    self._send(rid, e)
             elif kind == "abort":
                 eng.abort_request(item[1])
             try:
@@ -132,13 +146,30 @@ class AsyncEngine:
         loop that will read the returned stream."""
         self._check_admission()
         validate_request(prompt_token_ids, params, self.config.max_model_len, self.model_config.vocab_size)
+        return self._enqueue("add", prompt_token_ids, params, request_id, group)
+
+    def submit_embedding(self, prompt_token_ids: list[int], pooling: PoolingParams, request_id: str | None = None,
+                         group: str | None = None) -> RequestStream:
+        """Queues one prefill-only embedding request (same errors as submit(), raised here); its
+        stream yields one finished RequestOutput whose `embedding` holds the vectors."""
+        self._check_admission()
+        validate_embedding(prompt_token_ids, self.config.max_model_len, self.model_config.vocab_size)
+        return self._enqueue("embed", prompt_token_ids, pooling, request_id, group)
+
+    @property
+    def default_pooling(self) -> str:
+        """Embeddings' pooling: --pooling, else the model's (GGUF pooling_type, else mean)."""
+        return self.config.pooling or (self.model_config.pooling if self.model_config is not None else "mean")
+
+    def _enqueue(self, kind: str, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
+                 request_id: str | None, group: str | None) -> RequestStream:
         rid = request_id or f"req-{uuid.uuid4().hex}"
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if rid in self._streams:
                 raise ValueError(f"duplicate request id {rid!r}")
             self._streams[rid] = (asyncio.get_running_loop(), q)
-        self._inbox.put(("add", rid, list(prompt_token_ids), params, group))
+        self._inbox.put((kind, rid, list(prompt_token_ids), params, group))
         return RequestStream(self, rid, q)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,

@@ -6,12 +6,15 @@ thread for the API. One step:
     result = runner.execute(sched)      # one forward pass, sampled tokens for finishing sequences
     scheduler.update(sched)             # tokens are in the cache; full blocks join the prefix cache
     outputs = [process(seq, token) ...] # detokenize, stop checks, finish -> RequestOutput deltas
+Embedding requests (add_embedding_request) ride the same steps as prefill-only sequences: the step
+that computes a prompt's last token finishes it with its pooled vectors and frees its blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -23,6 +26,7 @@ from ..model import StepInterrupted
 from .kv_cache import KVCacheManager, num_blocks_for_budget
 from .outputs import RequestMetrics, RequestOutput, TokenLogprob
 from .output_processor import OutputProcessor
+from .pooling import PoolingParams
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams, StopChecker
 from .scheduler import Scheduler
@@ -82,6 +86,7 @@ class EngineStats:
     generation_tokens_total: int = 0
     num_preemptions: int = 0
     requests_finished: int = 0
+    embedding_requests_finished: int = 0  # included in requests_finished
 
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int) -> int:
@@ -97,6 +102,17 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_mo
     if n + max(max_tokens, 1) > max_model_len:
         raise ContextLengthError(n, max(max_tokens, 1), max_model_len)
     return max_tokens
+
+
+def validate_embedding(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """Checks an embedding request before any work: the whole input must fit the context."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise ValueError("the input is empty")
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise ValueError(f"input token ids must be in [0, {vocab_size})")
+    if n > max_model_len:
+        raise ContextLengthError(n, 0, max_model_len)
 
 
 class LLMEngine:
@@ -127,6 +143,7 @@ class LLMEngine:
                                   Sampler(mcfg.vocab_size, eog), config.cuda_graphs)
         self.outputs = OutputProcessor(self.tokenizer, eog, config.max_model_len)
         self.num_computed_tokens_total = 0  # tokens through the model, prefix hits excluded
+        self.embeddings_finished = 0
         log.info("KV cache: %d blocks x %d = %d tokens (%s)", num_blocks, bs, self.kv_capacity_tokens, loaded.ops.device)
 
     def _blocks_from_budget(self) -> int:
@@ -171,6 +188,19 @@ class LLMEngine:
         seq.detokenizer = self.outputs.new_detokenizer(params)
         self.scheduler.add(seq)
 
+    def add_embedding_request(self, request_id: str, prompt_token_ids: list[int], pooling: PoolingParams,
+                              group: str | None = None) -> None:
+        """A prefill-only request: its one output carries the pooled hidden states (`embedding`)."""
+        validate_embedding(prompt_token_ids, self.config.max_model_len, self.model_config.vocab_size)
+        seq = Sequence(request_id, list(prompt_token_ids), SamplingParams(max_tokens=None), 0, group=group or "",
+                       pooling=pooling)
+        self.scheduler.add(seq)
+
+    @property
+    def default_pooling(self) -> str:
+        """--pooling, else the model's (GGUF pooling_type, else mean)."""
+        return self.config.pooling or self.model_config.pooling
+
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
 
@@ -206,6 +236,8 @@ class LLMEngine:
             return outs
         self.scheduler.update(sched)
         self.num_computed_tokens_total += sched.total_tokens
+        for seq, vectors in result.pooled:
+            outs.append(self._embedded(seq, vectors))
         for seq, tok, lp, err in zip(result.seqs, result.sampled.token_ids, result.sampled.logprobs,
                                      result.sampled.errors):
             try:
@@ -219,11 +251,22 @@ class LLMEngine:
             outs.append(out)
         return outs
 
+    def _embedded(self, seq: Sequence, vectors: list[list[float]]) -> RequestOutput:
+        """An embedding sequence's prompt is computed: finish it (blocks freed now), one output."""
+        now = time.monotonic()
+        seq.metrics.first_token_time = seq.metrics.finished_time = now
+        self.scheduler.finish(seq, "stop")
+        self.outputs.prompt_tokens_total += seq.num_prompt_tokens
+        self.outputs.requests_finished += 1
+        self.embeddings_finished += 1
+        return RequestOutput(seq.request_id, finished=True, finish_reason="stop",
+                             metrics=dataclasses.replace(seq.metrics), embedding=vectors)
+
     def stats(self) -> EngineStats:
         s, kv, o = self.scheduler, self.kv, self.outputs
         return EngineStats(len(s.running), len(s.waiting), kv.usage, kv.num_blocks, kv.num_free_blocks,
                            kv.hit_tokens, o.prompt_tokens_total, o.generation_tokens_total,
-                           s.num_preemptions, o.requests_finished)
+                           s.num_preemptions, o.requests_finished, self.embeddings_finished)
 
     # ---- offline -----------------------------------------------------------------------------
     def generate(self, prompts: list[str] | list[list[int]],
@@ -252,6 +295,23 @@ class LLMEngine:
                     r.metrics = dataclasses.replace(out.metrics)
         return list(results.values())
 
+    def embed(self, prompts: list[str] | list[list[int]],
+              pooling: PoolingParams | None = None) -> list[list[list[float]]]:
+        """Offline embeddings: each prompt's vectors (see PoolingParams), in order."""
+        pooling = pooling or PoolingParams(self.default_pooling)
+        rids = []
+        for p in prompts:
+            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            rids.append(f"emb-{uuid.uuid4().hex[:12]}")
+            self.add_embedding_request(rids[-1], ids, pooling)
+        got: dict[str, list[list[float]]] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished and out.embedding is None and out.request_id in rids:
+                    raise RuntimeError(f"embedding failed: {out.error or out.finish_reason}")
+                if out.embedding is not None:
+                    got[out.request_id] = out.embedding
+        return [got[r] for r in rids]
 
 
 def __getattr__(name: str):
@@ -264,4 +324,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["AsyncEngine", "ContextLengthError", "EngineDeadError", "EngineOverloadedError", "EngineStats",
-           "GenerationResult", "LLMEngine", "validate_request"]
+           "GenerationResult", "LLMEngine", "validate_embedding", "validate_request"]

@@ -34,7 +34,8 @@ class RequestOutput:
     `text` and `token_ids` are the *new* text/tokens since the previous delta (text is released only
     at UTF-8 character boundaries and is held back while it could be the start of a stop string).
     `finished` is set on the last delta, with `finish_reason` "stop" | "length" | "abort" | "error"
-    (and `error` holding the message for "error")."""
+    (and `error` holding the message for "error"). An embedding request has a single delta:
+    finished, "stop", `embedding` set."""
 
     request_id: str
     text: str = ""
@@ -46,3 +47,6 @@ class RequestOutput:
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     error: str | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    # an embedding request's answer, on its one (finished) delta: one vector when pooled, one per
+    # prompt token for pooling "none" (engine/core/pooling.py)
+    embedding: list[list[float]] | None = None

@@ -4,9 +4,11 @@ The runner owns the KV tensors (one (k, v) pair per layer, [num_blocks, block_si
 For each step it packs the granted tokens of every sequence into one flat batch (ids, positions,
 KV slots, block tables, cached lengths, cu_seqlens: see kernels/metadata.py), runs the model once,
 computes logits only for the rows that sample (the last token of a sequence whose grant reaches
-its end), and hands them to the sampler. Decode-only steps on CUDA replay captured graphs that also
-run lm_head and the greedy argmax (engine/core/graph_runner.py): a step whose sequences are all
-plain greedy then costs one packed copy in and one copy of the sampled ids back.
+its end), and hands them to the sampler. An embedding sequence never samples: its rows go to its
+pooler (engine/core/pooling.py), and the step that computes its last prompt token returns its vectors.
+Decode-only steps on CUDA replay captured graphs that also run lm_head and the greedy argmax
+(engine/core/graph_runner.py): a step whose sequences are all plain greedy then costs one packed
+copy in and one copy of the sampled ids back.
 """
 
 from __future__ import annotations
@@ -64,12 +66,14 @@ class FlatBatch:
     sample_rows: list[int]  # flat row of the last token of each sampling sequence
     sample_seqs: list[Sequence]
     prompt_rows: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # seq idx -> (row0, pos0, count)
+    pool_rows: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # embedding seqs, same layout
 
 
 @dataclass
 class RunnerOutput:
     seqs: list[Sequence]  # the sequences that sampled, in order
     sampled: SamplerOutput
+    pooled: list[tuple[Sequence, list[list[float]]]] = field(default_factory=list)  # embeddings done this step
 
 
 class ModelRunner:
@@ -95,7 +99,7 @@ class ModelRunner:
         pos: list[int] = []
         slots: list[int] = []
         seq_lens, cu = [], [0]
-        sample_rows, sample_seqs, prompt_rows = [], [], {}
+        sample_rows, sample_seqs, prompt_rows, pool_rows = [], [], {}, {}
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens, strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids += seq.token_ids[start:end]
@@ -104,7 +108,9 @@ class ModelRunner:
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             seq_lens.append(end)
             cu.append(cu[-1] + n)
-            if end == seq.num_tokens:
+            if seq.is_embedding:
+                pool_rows[i] = (cu[-2], start, n)
+            elif end == seq.num_tokens:
                 sample_rows.append(cu[-1] - 1)
                 sample_seqs.append(seq)
             if seq.wants_prompt_logprobs():
@@ -114,13 +120,14 @@ class ModelRunner:
                 if last > first:
                     prompt_rows[i] = (cu[-2] + first - start, first, last - first)
         step = StepMetadata(ids, pos, slots, [s.block_table for s in sched.seqs], seq_lens, cu)
-        return FlatBatch(step, sample_rows, sample_seqs, prompt_rows)
+        return FlatBatch(step, sample_rows, sample_seqs, prompt_rows, pool_rows)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         batch = self.prepare(sched)
         rows, seqs = batch.sample_rows, batch.sample_seqs
-        if self.graphs is not None and sched.is_decode_only and self.graphs.can_run(len(sched.seqs)):
+        if (self.graphs is not None and sched.is_decode_only and not batch.pool_rows
+                and self.graphs.can_run(len(sched.seqs))):
             out: DecodeOutputs = self.graphs.run(batch.step)
             self._all_prompt_logprobs(sched, batch, out.hidden)
             if all(is_plain_greedy(s) for s in seqs):  # the graph's argmax is the sampler's answer
@@ -131,10 +138,23 @@ class ModelRunner:
             hidden = self.model.forward(*batch.step.to_device(self.device, self.block_size), self.kv_caches,
                                         self.interrupt)
             self._all_prompt_logprobs(sched, batch, hidden)
+            pooled = self._pool(sched, batch, hidden)
             if not seqs:
-                return RunnerOutput([], SamplerOutput([], [], []))
+                return RunnerOutput([], SamplerOutput([], [], []), pooled)
             logits = self.model.compute_logits(_take_rows(hidden, rows))
+            return RunnerOutput(seqs, self.sampler(logits, seqs), pooled)
         return RunnerOutput(seqs, self.sampler(logits, seqs))
+
+    def _pool(self, sched: SchedulerOutput, batch: FlatBatch, hidden: torch.Tensor) -> list[tuple[Sequence, list]]:
+        """Feeds each embedding sequence's rows to its pooler; returns (seq, vectors) for those whose
+        prompt is now fully computed."""
+        done = []
+        for i, (row0, pos0, count) in batch.pool_rows.items():
+            seq = sched.seqs[i]
+            seq.pooler.add(hidden[row0 : row0 + count], pos0)
+            if pos0 + count == seq.num_tokens:
+                done.append((seq, seq.pooler.result()))
+        return done
 
     def _all_prompt_logprobs(self, sched: SchedulerOutput, batch: FlatBatch, hidden: torch.Tensor) -> None:
         for i, (row0, pos0, count) in batch.prompt_rows.items():

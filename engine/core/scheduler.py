@@ -157,7 +157,7 @@ class Scheduler:
                 break
             if held[seq.group] >= share and starving:
                 continue  # its request holds its share while another waits below its own
-            hits = [] if seq.wants_prompt_logprobs() else self.kv.get_computed_blocks(seq)
+            hits = [] if seq.needs_all_hidden() else self.kv.get_computed_blocks(seq)
             num_cached = len(hits) * self.kv.block_size
             n = min(seq.num_tokens - num_cached, budget)
             reserve = self.watermark_blocks if self.running else 0

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .outputs import RequestMetrics, TokenLogprob
+from .pooling import Pooler, PoolingParams
 from .sampling import SamplingParams
 
 _arrival = itertools.count()
@@ -54,6 +55,9 @@ class Sequence:
     prompt_logprobs_sent: bool = False
     aborted: bool = False
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    # embedding requests (engine/core/pooling.py): prefill only, finished once the prompt is computed
+    pooling: PoolingParams | None = None
+    pooler: Pooler | None = None
 
     def __post_init__(self) -> None:
         self.group = self.group or self.request_id
@@ -62,6 +66,13 @@ class Sequence:
         if not self.metrics.arrival_time:
             self.metrics.arrival_time = time.monotonic()
         self.metrics.prompt_tokens = len(self.prompt_token_ids)
+        if self.pooling is not None and self.pooler is None:
+            self.pooler = Pooler(self.pooling)
+
+    @property
+    def is_embedding(self) -> bool:
+        """Prefill-only: its prompt's hidden states are pooled, nothing is sampled."""
+        return self.pooling is not None
 
     @property
     def num_tokens(self) -> int:
@@ -90,6 +101,10 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def needs_all_hidden(self) -> bool:
+        """Every prompt token must run through the model (no prefix-cache shortcut)."""
+        return self.is_embedding or self.wants_prompt_logprobs()
 
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent

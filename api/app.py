@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import messages, native, openai, responses, tokenizer_api
+from . import infill, messages, native, openai, responses, tokenizer_api
 from .auth import APIKeyMiddleware, load_keys
 from .context import AppContext
 from .errors import EXCEPTION_HANDLERS, APIError, CatchAllMiddleware, loading
@@ -95,6 +95,7 @@ ROUTES = [
     Route("/v1/completions", openai.completions, methods=["POST"]),
     Route("/completions", openai.completions, methods=["POST"]),
     Route("/completion", native.completion, methods=["POST"]),
+    Route("/infill", infill.infill, methods=["POST"]),
     Route("/v1/messages", messages.messages, methods=["POST"]),
     Route("/v1/messages/count_tokens", messages.count_tokens, methods=["POST"]),
     Route("/v1/responses", responses.responses, methods=["POST"]),

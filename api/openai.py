@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from .context import AppContext
 from .errors import APIError
-from .plans import CompletionPlan, prepare_chat, prepare_completion
+from .plans import CompletionPlan, prepare_chat
 from .runs import ClientGone, Run, SSEResponse, finite, read_body, until_disconnect
 from .schemas import ChatCompletionRequest
 
@@ -245,7 +245,9 @@ async def fold_completion(events: AsyncIterator[dict[str, Any]], want_logprobs: 
 async def completions(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     ctx.check_admitting()
-    plan = await ctx.offload.run(prepare_completion, ctx, await read_body(request, ctx))
+    from .infill import prepare_completion_fim  # `suffix`: fill in the middle (api/infill.py imports this module)
+
+    plan = await ctx.offload.run(prepare_completion_fim, ctx, await read_body(request, ctx))
     req = plan.req
     run = Run(ctx, plan.jobs, param="prompt")
     cid, created = f"cmpl-{run.base_id}", int(time.time())

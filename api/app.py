@@ -20,9 +20,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import infill, messages, native, openai, responses, tokenizer_api
 from .auth import APIKeyMiddleware, load_keys
 from .context import AppContext
+from .embeddings import embeddings_native, embeddings_oai
 from .errors import EXCEPTION_HANDLERS, APIError, CatchAllMiddleware, loading
 from .messages_errors import AnthropicErrors
 from .metrics import CONTENT_TYPE
+from .webui import is_webui_path, webui_routes
 
 if TYPE_CHECKING:
     from engine.core.async_engine import AsyncEngine
@@ -39,7 +41,8 @@ class _ReadyGate:
         self.app, self.ctx = app, ctx
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.OPEN and scope["method"] != "OPTIONS":
+        if scope["type"] == "http" and scope["path"] not in self.OPEN and scope["method"] != "OPTIONS" \
+                and not is_webui_path(scope["path"]):  # the page shows the loading state itself
             try:
                 self.ctx.check_admitting()
             except APIError as e:
@@ -100,6 +103,9 @@ ROUTES = [
     Route("/v1/messages/count_tokens", messages.count_tokens, methods=["POST"]),
     Route("/v1/responses", responses.responses, methods=["POST"]),
     Route("/v1/responses/input_tokens", responses.input_tokens, methods=["POST"]),
+    Route("/v1/embeddings", embeddings_oai, methods=["POST"]),
+    Route("/embeddings", embeddings_native, methods=["POST"]),
+    Route("/embedding", embeddings_native, methods=["POST"]),
     Route("/tokenize", tokenizer_api.tokenize, methods=["POST"]),
     Route("/detokenize", tokenizer_api.detokenize, methods=["POST"]),
     Route("/tokenizer_info", tokenizer_api.tokenizer_info, methods=["GET"]),
@@ -124,6 +130,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> Starlette:
     if keys:
         middleware.append(Middleware(APIKeyMiddleware, keys=keys))
     middleware.append(Middleware(_ReadyGate, ctx=ctx))
-    app = Starlette(routes=ROUTES, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
+    routes = ROUTES + ([] if settings.no_webui else webui_routes())  # the chat page at /, api/webui/
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
     app.state.ctx = ctx
     return app

@@ -1,7 +1,8 @@
 """API-key check as a pure ASGI middleware (no BaseHTTPMiddleware: it would buffer streams and
 hide client disconnects from the routes).
 
-With keys configured every path but /health needs `Authorization: Bearer KEY`; llama-server's
+With keys configured every path but /health and the web UI's page and assets (`/`, `/webui/*`:
+static files; the API calls they make carry the key) needs `Authorization: Bearer KEY`; llama-server's
 `X-Api-Key: KEY` header is accepted too. Keys are compared in constant time, against every
 configured key, so timing reveals neither a key nor which one matched.
 """
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import APIError
+from .webui import is_webui_path
 
 EXEMPT_PATHS = frozenset({"/health", "/v1/health"})
 
@@ -56,7 +58,7 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys or scope["path"] in EXEMPT_PATHS \
-                or scope["method"] == "OPTIONS":
+                or is_webui_path(scope["path"]) or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])

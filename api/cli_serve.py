@@ -33,6 +33,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-weights", dest="cpu_weights", choices=("auto", "exact"), default=None,
                    help="CPU: quantized C kernels (auto) or dense fp32 torch reference (exact)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU kernel threads (0: all cores)")
+    p.add_argument("--embeddings", "--embedding", dest="embeddings", action="store_const", const=True, default=None,
+                   help="serve /v1/embeddings, /embedding and /embeddings (otherwise they answer 501)")
+    p.add_argument("--pooling", choices=("mean", "cls", "last", "none"), default=None,
+                   help="embeddings' pooling (default: the model's GGUF pooling_type, else mean)")
     p.add_argument("--api-key", dest="api_key", action="append", default=None,
                    help="require this key (repeatable)")
     p.add_argument("--api-key-file", dest="api_key_file", default=None, help="file with one key per line")
@@ -66,6 +70,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parse-special-in-content", dest="parse_special_in_content", action="store_const",
                    const=True, default=None,
                    help="let control-token text inside messages become control tokens (llama-server's behaviour)")
+    p.add_argument("--no-webui", dest="no_webui", action="store_const", const=True, default=None,
+                   help="do not serve the chat page at / (the API only)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:

@@ -40,6 +40,8 @@ class ServerSettings:
     device: str = "auto"
     cpu_weights: str = "auto"
     threads: int = 0
+    embeddings: bool = False  # serve /v1/embeddings, /embedding(s) (501 without)
+    pooling: str = ""  # embeddings: mean | cls | last | none; "": the model's GGUF pooling_type, else mean
     api_key: list[str] = field(default_factory=list)
     api_key_file: str = ""
     chat_template: str = ""
@@ -57,6 +59,7 @@ class ServerSettings:
     grammar_timeout_s: float = 5.0
     max_grammar_chars: int = 65536
     parse_special_in_content: bool = False
+    no_webui: bool = False
 
     def model_id(self) -> str:
         """The id clients see: the alias, else the registry name or the file's stem."""
@@ -72,7 +75,7 @@ class ServerSettings:
                             max_num_seqs=self.parallel, max_num_batched_tokens=self.max_batched_tokens,
                             long_prefill_tokens=self.long_prefill_tokens,
                             kv_cache_gib=self.kv_cache_gib, chat_template=self.chat_template or None,
-                            cpu_weights=self.cpu_weights, threads=self.threads)
+                            cpu_weights=self.cpu_weights, threads=self.threads, pooling=self.pooling)
 
 
 class SettingsError(ValueError):
@@ -161,6 +164,8 @@ def load_settings(cli: dict[str, Any] | None = None, config_file: str | None = N
         raise SettingsError(f"device must be auto, cpu or cuda, not {s.device!r}")
     if s.cpu_weights not in ("auto", "exact"):
         raise SettingsError(f"cpu_weights must be auto or exact, not {s.cpu_weights!r}")
+    if s.pooling not in ("", "mean", "cls", "last", "none"):
+        raise SettingsError(f"pooling must be mean, cls, last or none, not {s.pooling!r}")
     if s.log_format not in ("text", "json"):
         raise SettingsError(f"log_format must be text or json, not {s.log_format!r}")
     if not 0 < s.port < 65536:

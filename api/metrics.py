@@ -74,6 +74,14 @@ class Metrics:
                              buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from arrival to the last token",
                              buckets=E2E_BUCKETS, registry=r)
+        # embeddings (api/embeddings.py): one count per input, apart from the generation counters above
+        self.embedding_inputs = Counter(PREFIX + "embedding_inputs", "Embedding inputs answered, by outcome",
+                                        ["outcome"], registry=r)
+        self.embedding_tokens = Counter(PREFIX + "embedding_prompt_tokens", "Prompt tokens of embedded inputs",
+                                        registry=r)
+        self.embedding_latency = Histogram(PREFIX + "embedding_request_latency_seconds",
+                                           "Time from arrival to the answer of one embeddings request",
+                                           buckets=E2E_BUCKETS, registry=r)
         if engine_stats is not None:
             r.register(_EngineCollector(engine_stats))
 
@@ -86,6 +94,12 @@ class Metrics:
         if ttft is not None:
             self.ttft.observe(ttft)
         self.e2e.observe(e2e)
+
+    def observe_embeddings(self, inputs: int, prompt_tokens: int, outcome: str, latency_s: float) -> None:
+        """One embeddings request of `inputs` inputs: "ok", "error", "abort" (client gone or shutdown)."""
+        self.embedding_inputs.labels(outcome=outcome).inc(inputs)
+        self.embedding_tokens.inc(prompt_tokens)
+        self.embedding_latency.observe(latency_s)
 
     def observe_itl(self, gap_s: float, n_tokens: int) -> None:
         """`n_tokens` arrived together after `gap_s`: each counts as gap/n."""

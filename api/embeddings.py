@@ -129,8 +129,13 @@ def prepare_embeddings(progress: Progress, ctx: AppContext, raw: bytearray, oai:
 
 async def _answer(stream: Any) -> RequestOutput:
     last = None
-    async for out in stream:
-        last = out
+    try:
+        async for out in stream:
+            last = out
+    except (APIError, asyncio.CancelledError):
+        raise
+    except Exception as e:  # noqa: BLE001 - what the engine thread sent back (dead engine, bad input)
+        raise engine_error(e, "input") from None
     if last is None or last.finish_reason == "abort":
         raise APIError(503, "The request was aborted (server shutting down).", code="aborted")
     if last.finish_reason == "error" or last.embedding is None:

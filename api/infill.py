@@ -163,15 +163,15 @@ def prepare_infill(progress: Progress, ctx: AppContext, raw: bytearray) -> Infil
     _check_ids(ctx, req.input_prefix, "input_prefix")
     _check_ids(ctx, req.input_suffix, "input_suffix")
     params = native_params(ctx, req)
+    spec = grammar_spec(ctx, req, progress)
+    if spec is not None:
+        params.grammar = compile_grammar(ctx, spec, progress, time.monotonic()).new_state()
     fim = supported(ctx)
     progress.param = "input_prefix"
     tok = ctx.engine.tokenizer
     prompt_ids = tok.encode(req.prompt, add_special=False, parse_special=True) if req.prompt else []
     n_predict = req.max_tokens if req.max_tokens is not None else req.n_predict
     fp = layout(ctx, fim, req.input_prefix, req.input_suffix, extra, prompt_ids, n_predict)
-    spec = grammar_spec(ctx, req, progress)
-    if spec is not None:
-        params.grammar = compile_grammar(ctx, spec, progress, time.monotonic()).new_state()
     cut = fp.n_prefix < fp.n_prefix_total or fp.n_suffix < fp.n_suffix_total or (
         bool(extra) and fp.n_extra < fp.n_extra_total)  # the repo header alone is not the client's text
     return InfillPlan(req, fp.token_ids, params, tok.decode(fp.token_ids), cut)
@@ -227,10 +227,10 @@ def prepare_completion_fim(progress: Progress, ctx: AppContext, raw: bytearray) 
                 + [("suffix", len(req.suffix))], "prompt", prompt=False)
     for i, p in enumerate(req.prompt):
         _check_ids(ctx, p, f"prompt[{i}]" if len(req.prompt) > 1 else "prompt")
-    fim = supported(ctx)
     started = time.monotonic()
     spec = grammar_spec(ctx, req, progress)
     grammar = compile_grammar(ctx, spec, progress, started) if spec is not None else None
+    fim = supported(ctx)
     progress.param = "prompt"
     prompts, jobs = [], []
     for p, prompt in enumerate(req.prompt):

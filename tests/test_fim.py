@@ -143,7 +143,13 @@ def test_layout_refuses_a_vocabulary_without_fim(tok: Tokenizer) -> None:
 
 # ---- the server on smollm2 (no FIM tokens) ---------------------------------------------------
 
-from server_fixture import api_server  # noqa: E402,F401  (module-scoped fixture)
+@pytest.fixture(scope="module")
+def smol() -> Any:
+    from server_fixture import start_server
+
+    srv = start_server()
+    yield srv
+    srv.stop()
 
 
 def _is_fim_refusal(r: Any) -> None:
@@ -156,14 +162,14 @@ def _is_fim_refusal(r: Any) -> None:
         assert name in msg, msg
 
 
-def test_smollm2_infill_is_a_400_naming_the_tokens(api_server: Any) -> None:
-    with api_server.client() as c:
+def test_smollm2_infill_is_a_400_naming_the_tokens(smol: Any) -> None:
+    with smol.client() as c:
         _is_fim_refusal(c.post("/infill", json={"input_prefix": "def f():\n    ", "input_suffix": "\n"}))
         _is_fim_refusal(c.post("/infill", json={"input_prefix": "a", "input_suffix": "b", "stream": True}))
 
 
-def test_smollm2_completions_suffix_is_a_400_naming_the_tokens(api_server: Any) -> None:
-    with api_server.client() as c:
+def test_smollm2_completions_suffix_is_a_400_naming_the_tokens(smol: Any) -> None:
+    with smol.client() as c:
         _is_fim_refusal(c.post("/v1/completions", json={"prompt": "def f():\n    ", "suffix": "\n", "max_tokens": 4}))
         # an empty suffix is OpenAI's neutral value: an ordinary completion
         r = c.post("/v1/completions", json={"prompt": "Hello", "suffix": "", "max_tokens": 2, "temperature": 0})
@@ -189,15 +195,15 @@ def test_smollm2_completions_suffix_is_a_400_naming_the_tokens(api_server: Any) 
     ({"input_prefix": "a", "input_suffix": "b", "stream": "yes"}, "stream"),
     ({"input_prefix": "a", "input_suffix": "b", "grammar": "root ::= ("}, "grammar"),
 ])
-def test_malformed_infill_bodies_are_400_naming_the_param(api_server: Any, body: dict, param: str) -> None:
-    with api_server.client() as c:
+def test_malformed_infill_bodies_are_400_naming_the_param(smol: Any, body: dict, param: str) -> None:
+    with smol.client() as c:
         r = c.post("/infill", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"].get("param") == param, r.json()
 
 
-def test_infill_non_json_bodies_are_4xx(api_server: Any) -> None:
-    with api_server.client() as c:
+def test_infill_non_json_bodies_are_4xx(smol: Any) -> None:
+    with smol.client() as c:
         for raw, ctype in ((b"{", "application/json"), (b"[]", "application/json"), (b"", "application/json"),
                            (b'{"input_prefix": "a", "input_suffix": "b"}', "text/plain")):
             r = c.post("/infill", content=raw, headers={"content-type": ctype})
@@ -212,8 +218,8 @@ def test_infill_non_json_bodies_are_4xx(api_server: Any) -> None:
     ({"prompt": [[10**9]], "suffix": "b"}, "prompt"),
     ({"prompt": "a", "suffix": "b", "model": "nope"}, "model"),
 ])
-def test_malformed_suffix_completions_are_4xx(api_server: Any, body: dict, param: str) -> None:
-    with api_server.client() as c:
+def test_malformed_suffix_completions_are_4xx(smol: Any, body: dict, param: str) -> None:
+    with smol.client() as c:
         r = c.post("/v1/completions", json=body)
     assert 400 <= r.status_code < 500, r.text
     assert r.json()["error"].get("param") == param, r.json()

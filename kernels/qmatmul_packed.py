@@ -301,8 +301,22 @@ def _type_args(t: int) -> dict[str, int]:
     return {"TYPE": t, "QBITS": qbits, "HBITS": hbits, "G": g, "S": s, "OFF": off}
 
 
-def choose(M: int, N: int, K: int, cc: tuple[int, int]) -> PackedConfig:
-    """The config for an [M, K] x [N, K]^T product (N: output rows)."""
+M_BUCKETS = (1, 16, 32, 64, 128)  # M is bucketed to the first bucket >= M (128: prefill)
+
+# Tuned overrides: (M bucket, N, K, ggml type, (cc major, cc minor)) -> PackedConfig, written from GPU
+# runs of scripts/bench_kernels.py --tune; empty until a GPU has measured something better.
+TABLE: dict[tuple[int, int, int, int, tuple[int, int]], PackedConfig] = {}
+
+
+def m_bucket(M: int) -> int:
+    return next((b for b in M_BUCKETS if M <= b), M_BUCKETS[-1])
+
+
+def choose(M: int, N: int, K: int, cc: tuple[int, int], ggml_type: int = -1) -> PackedConfig:
+    """The config for an [M, K] x [N, K]^T product (N: output rows): TABLE, else the defaults."""
+    tuned = TABLE.get((m_bucket(M), N, K, ggml_type, cc))
+    if tuned is not None:
+        return tuned
     if M == 1:
         if cc == INTERPRETER_CC:  # few large programs: the interpreter runs them one after another
             return PackedConfig("gemv", 1, 16, 8, 4)
@@ -316,6 +330,16 @@ def choose(M: int, N: int, K: int, cc: tuple[int, int]) -> PackedConfig:
         return PackedConfig("mm", 16, 256, 32, 4)
     # wider tiles spill registers on sm_90 (64 x 256, 128 x 128): 64 x 64 for prefill too
     return PackedConfig("mm", 32 if M <= 32 else 64, 64, 32, 4)
+
+
+def candidates(M: int) -> list[PackedConfig]:
+    """Configs worth timing for M's bucket on a GPU (bench_kernels.py --tune); all compile without
+    spills for every packed type (tests/test_compile_packed.py)."""
+    if M == 1:
+        return [PackedConfig("gemv", 1, 32 * w // c, c, w) for w in (1, 2, 4) for c in (2, 4, 8)]
+    if M <= 16:
+        return [PackedConfig("mm", 16, bn, 32, 4) for bn in (64, 128, 256)]
+    return [PackedConfig("mm", bm, 64, 32, 4) for bm in (32, 64) if bm >= min(M, 32)]
 
 
 def split_for(programs: int, steps: int, sms: int) -> int:
@@ -348,7 +372,7 @@ def matmul(x: torch.Tensor, w: P.PackedWeight, y: torch.Tensor, bias: torch.Tens
     with `tail`, the residual add and RMSNorm of each finished row (y becomes the normalized rows)."""
     M, K = x.shape
     n_out = w.pair if act else w.shape[0]
-    cfg = config or choose(M, n_out, K, cc)
+    cfg = config or choose(M, n_out, K, cc, w.ggml_type)
     has_bias = bias is not None
     b = bias if has_bias else y
     kw = _type_args(w.ggml_type)

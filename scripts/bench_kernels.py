@@ -137,11 +137,14 @@ def packed_bytes(w) -> int:
 
 
 def kernel_name(M: int, N: int, K: int, t: int, dev: str, config=None) -> str:
-    """The kernel the dispatch picks, where qmatmul still exposes its chooser (informational)."""
+    """The kernel the dispatch picks (informational)."""
     try:
+        from kernels import packed as P
         from kernels import qmatmul as Q
+        from kernels import qmatmul_packed as QP
 
-        cfg = config or Q.choose(M, N, K, t, Q._device_info(torch.device(dev))[0])
+        cc = Q._device_info(torch.device(dev))[0]
+        cfg = config or (QP.choose(M, N, K, cc, t) if t in P.PACKED_TYPES else Q.choose(M, N, K, t, cc))
         return str(getattr(cfg, "kernel", cfg))
     except Exception:  # noqa: BLE001 - the chooser is internal and may change
         return "?"
@@ -160,7 +163,7 @@ def bench_one(t: int, N: int, K: int, M: int, copy_gbs: float, dev: str, config=
     out = torch.empty(M, N, dtype=x.dtype, device=dev)
     if config is None:
         fns = [lambda w=w: ops.linear(x, w) for w in ws]
-    else:  # --tune: a config forced on the kernel (internal API; may not exist after a rebuild)
+    else:  # --tune: a config forced on the kernel (qmatmul_packed.PackedConfig or qmatmul.Config)
         from kernels.qmatmul import qmatmul
 
         fns = [lambda w=w: qmatmul(x, w, config=config, out=out) for w in ws]
@@ -178,22 +181,29 @@ def bench_one(t: int, N: int, K: int, M: int, copy_gbs: float, dev: str, config=
 
 
 def tune(t: int, N: int, K: int, M: int, copy_gbs: float, dev: str) -> tuple:
-    """Time every config of M's kernel family; return the TABLE key and the fastest config."""
-    from kernels.qmatmul import _DEFAULTS, Config, m_bucket
+    """Time every candidate config of M's kernel family; return the TABLE key and the fastest config
+    (qmatmul_packed.TABLE for the packed types, qmatmul.TABLE for the GGUF-block ones)."""
+    from kernels import packed as P
 
-    b = m_bucket(M)
-    kind = _DEFAULTS[b].kernel
-    cands = {_DEFAULTS[b]}
-    if kind == "gemv":
-        cands |= {Config("gemv", b, bn, bk, nw) for bn in (8, 16, 32) for bk in (64, 128, 256) for nw in (2, 4, 8)
-                  if b * bn * bk <= 16384}
-    else:
-        # BLOCK_K 64 or 3+ stages spill registers for most types (see qmatmul._DEFAULTS)
-        cands |= {Config("mm", bm, bn, bk, nw, st) for bm in (64, 128) for bn in (64, 128) for bk in (32, 64)
-                  for nw in (4, 8) for st in (1, 2) if bm >= b or bm == 128}
-    best = min(cands, key=lambda c: bench_one(t, N, K, M, copy_gbs, dev, config=c)["us"])
     cc = torch.cuda.get_device_capability() if dev == "cuda" else (9, 0)
-    return (b, N, K, t, cc), best
+    if t in P.PACKED_TYPES:
+        from kernels import qmatmul_packed as QP
+
+        cands = set(QP.candidates(M)) | {QP.choose(M, N, K, cc, t)}
+        b = QP.m_bucket(M)
+    else:
+        from kernels.qmatmul import _DEFAULTS, Config, m_bucket
+
+        b = m_bucket(M)
+        cands = {_DEFAULTS[b]}
+        if _DEFAULTS[b].kernel == "gemv":
+            cands |= {Config("gemv", b, bn, bk, nw) for bn in (8, 16, 32) for bk in (64, 128, 256)
+                      for nw in (2, 4, 8) if b * bn * bk <= 16384}
+        else:  # BLOCK_K 64 or 3+ stages spill registers for most types (see qmatmul._DEFAULTS)
+            cands |= {Config("mm", bm, bn, bk, nw, st) for bm in (64, 128) for bn in (64, 128) for bk in (32, 64)
+                      for nw in (4, 8) for st in (1, 2) if bm >= b or bm == 128}
+    best = min(cands, key=lambda c: bench_one(t, N, K, M, copy_gbs, dev, config=c)["us"])
+    return (b, N, K, t, tuple(cc)), best
 
 
 def table_lines(rows: list[dict]) -> list[str]:
@@ -222,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default="models", help="comma list of: models, 8b, tiny")
     ap.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)))
     ap.add_argument("--budget", type=float, default=35.0, help="seconds; later rows are skipped past it")
-    ap.add_argument("--tune", action="store_true", help="search configs and print qmatmul.TABLE entries")
+    ap.add_argument("--tune", action="store_true", help="search configs and print TABLE entries")
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--copy-gbs", type=float, default=0.0, help="measured copy bandwidth (default: measure it)")
     ap.add_argument("--device", default="cuda", help="cpu: a functional dry run under TRITON_INTERPRET=1")
@@ -261,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         lines.append(f"({skipped} cases skipped: --budget {args.budget:.0f} s spent; narrow --types/--shapes/--ms)")
     if table:
-        lines += ["# qmatmul.TABLE entries:"] + [f"    {k}: {v!r}," for k, v in sorted(table.items())]
+        lines += ["# TABLE entries (qmatmul_packed.TABLE for packed types, qmatmul.TABLE otherwise):"]
+        lines += [f"    {k}: {v!r}," for k, v in sorted(table.items())]
     out_file = args.out or (os.path.join(os.environ["OUT"], "bench_kernels.md") if os.environ.get("OUT") else "")
     if out_file:
         Path(out_file).write_text("\n".join(lines) + "\n")

@@ -1,5 +1,6 @@
 """sm_90 compiles of the packed kernels (kernels/qmatmul_packed.py) without a GPU: every packed type,
-the GEMV configs the dispatcher picks for the shipped shapes (K = 576 / 640 / 896 / 1536 / 4864),
+the GEMV configs the dispatcher picks for the shipped shapes (K = 576 / 640 / 896 / 1536 / 4864) and
+every config `--tune` may write into TABLE,
 every M bucket of the tensor-core matmul, the bias and gated-activation epilogues and the embedding
 dequantizer. From the SASS: no spills, no warp shuffles in the GEMV's K loop, 16-byte quant loads."""
 
@@ -57,14 +58,18 @@ def _jobs() -> list[tuple]:
     from kernels.qmatmul_packed import choose
 
     jobs = []
+    from kernels.qmatmul_packed import TABLE, candidates
+
     gemv_cfgs = {choose(1, n, k, (9, 0)) for n, k in [(960, 576), (576, 1536), (1152, 896), (640, 640),
                                                       (896, 4864), (262144, 640)]}
+    gemv_cfgs |= set(candidates(1)) | {c for c in TABLE.values() if c.kernel == "gemv"}
+    mm_cfgs = {choose(bm, 4096, 4096, (9, 0)) for bm in (16, 32, 64, 128)}
+    mm_cfgs |= set(candidates(16)) | set(candidates(64)) | {c for c in TABLE.values() if c.kernel == "mm"}
     for t in P.PACKED_TYPES:
         for c in gemv_cfgs:
             jobs.append(("gemv", t, {"BG": c.block_n, "C": c.block_k, "HAS_BIAS": False, "ACT": 0}, c.num_warps,
                          "bf16"))
-        for bm in (16, 32, 64, 128):
-            c = choose(bm, 4096, 4096, (9, 0))
+        for c in mm_cfgs:
             jobs.append(("mm", t, {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "HAS_BIAS": False, "ACT": 0},
                          c.num_warps, "bf16"))
         jobs.append(("dequant", t, {"BLOCK_R": 16}, 4, "bf16"))

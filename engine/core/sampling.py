@@ -14,6 +14,12 @@ Structured output: `params.grammar` is any object with
     accept(token_id: int) -> None              # advances the grammar past the sampled token
     is_terminated() -> bool                    # the grammar is complete: the request stops
 The sampler calls fill_mask before the draw and accept after it; the engine checks is_terminated.
+Forced tokens: `params.token_forcer` is any object with
+    active -> bool                             # False: it has nothing left to do (plain sampling)
+    next_forced() -> int | None                # a token id: every other token is masked this step
+    accept(token_id: int) -> None              # sees every sampled token while active
+(engine/text/reasoning.py's ThinkingBudget forces the end of the thinking this way); the forced
+token is applied after the grammar mask, so the grammar must allow it.
 A grammar class may also offer `fill_masks(logits, [(row, state), ...]) -> [error | None, ...]`
 (a staticmethod): the sampler then masks all rows of that class in one call (one device copy).
 """
@@ -55,6 +61,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # structured output (engine/constrained/structured.py): a compiled-grammar handle, or None
     grammar: object | None = None
+    # forced tokens (e.g. a reasoning budget's end tag): a TokenForcer, or None
+    token_forcer: TokenForcer | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -67,6 +75,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+class TokenForcer(Protocol):
+    """Per-sequence forced tokens (see the module docstring)."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def next_forced(self) -> int | None: ...
+
+    def accept(self, token_id: int) -> None: ...
 
 
 class SamplingState(Protocol):
@@ -97,7 +116,8 @@ def is_plain_greedy(s: SamplingState) -> bool:
     then stands in for the sampler."""
     p = s.params
     return (p.temperature < _GREEDY_EPS and p.logprobs is None and not p.logit_bias and not _has_penalty(p)
-            and p.grammar is None and not _min_tokens_pending(s))
+            and p.grammar is None and not _min_tokens_pending(s)
+            and (p.token_forcer is None or not p.token_forcer.active))
 
 
 def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[TokenLogprob]:
@@ -125,7 +145,11 @@ class Sampler:
         lp = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
         self._apply_penalties(logits, seqs)
         self._apply_bans(logits, seqs, errors)
+        self._apply_forced(logits, seqs)
         tokens = self._draw(logits, seqs)
+        for i, s in enumerate(seqs):
+            if s.params.token_forcer is not None and s.params.token_forcer.active:
+                s.params.token_forcer.accept(int(tokens[i]))
         for i, s in enumerate(seqs):
             if s.params.grammar is not None and errors[i] is None:
                 try:
@@ -194,6 +218,15 @@ class Sampler:
             for (i, _), err in zip(rows, row_errors):
                 if err is not None:
                     errors[i] = f"grammar mask failed: {err}"
+
+    def _apply_forced(self, logits: torch.Tensor, seqs: list[SamplingState]) -> None:
+        for i, s in enumerate(seqs):
+            f = s.params.token_forcer
+            tok = f.next_forced() if f is not None and f.active else None
+            if tok is not None:
+                keep = logits[i, tok].clone()
+                logits[i] = float("-inf")
+                logits[i, tok] = keep if torch.isfinite(keep) else 0.0
 
     def _draw(self, logits: torch.Tensor, seqs: list[SamplingState]) -> torch.Tensor:
         params = [s.params for s in seqs]

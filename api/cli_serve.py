@@ -72,6 +72,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="let control-token text inside messages become control tokens (llama-server's behaviour)")
     p.add_argument("--no-webui", dest="no_webui", action="store_const", const=True, default=None,
                    help="do not serve the chat page at / (the API only)")
+    p.add_argument("--reasoning-format", dest="reasoning_format", choices=("auto", "none", "deepseek"), default=None,
+                   help="split <think>...</think> into reasoning_content: deepseek always, none never, "
+                        "auto (default) when the chat template or the vocabulary has the tags")
+    p.add_argument("--reasoning-budget", dest="reasoning_budget", type=int, default=None, metavar="N",
+                   help="thinking tokens before the end tag is forced (-1, the default: unlimited)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:

@@ -75,8 +75,12 @@ def _finish(out: Any) -> str:
 
 
 async def chat_events(ctx: AppContext, req: ChatCompletionRequest, run: Run, cid: str, created: int,
-                      include_usage: bool, plan: Any = None) -> AsyncIterator[dict[str, Any]]:
+                      include_usage: bool, plan: Any = None, reasoning: Any = None,
+                      reasoning_opened: bool = False) -> AsyncIterator[dict[str, Any]]:
+    """`plan`: the ToolPlan (None: plain content); `reasoning`: ReasoningTags to split the output on
+    (delta.reasoning_content; the tool-call parser sees only the content after the thinking)."""
     from engine.constrained.tool_parser import ContentDelta
+    from engine.text.reasoning import ReasoningParser
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.model_id,
             "system_fingerprint": FINGERPRINT}
 
@@ -85,18 +89,35 @@ async def chat_events(ctx: AppContext, req: ChatCompletionRequest, run: Run, cid
 
     top = req.top_logprobs or 0
     parsers: dict[int, Any] = {}  # choice -> ToolCallParser (None: plain content)
+    thinking: dict[int, ReasoningParser] = {}
+    reasoning_tokens = 0
     async for job, out in run.outputs():
         i = job.index
         if i not in parsers:
             parsers[i] = plan.new_parser() if plan is not None else None
+            if reasoning is not None:
+                thinking[i] = ReasoningParser(reasoning, reasoning_opened)
             yield chunk(i, {"role": "assistant", "content": ""})
         lp = chat_logprobs(ctx, out, top) if req.logprobs else None
         parser = parsers[i]
+        text = out.text
+        rp = thinking.get(i)
+        if rp is not None:
+            was = rp.thinking
+            thought, text = rp.feed(out.text)
+            if out.finished:
+                more, rest = rp.finish()
+                thought, text = thought + more, text + rest
+            if was or rp.thinking or thought:
+                reasoning_tokens += len(out.token_ids or ())
+            if thought:
+                yield chunk(i, {"reasoning_content": thought}, lp={"content": lp} if lp else None)
+                lp = [] if req.logprobs else None
         if parser is None:
-            if out.text or lp:
-                yield chunk(i, {"content": out.text}, lp={"content": lp} if req.logprobs else None)
+            if text or lp:
+                yield chunk(i, {"content": text}, lp={"content": lp} if req.logprobs else None)
         else:
-            for ev in parser.feed(out.text) + (parser.finish() if out.finished else []):
+            for ev in parser.feed(text) + (parser.finish() if out.finished else []):
                 delta = {"content": ev.text} if isinstance(ev, ContentDelta) else {"tool_calls": [ev.to_openai()]}
                 yield chunk(i, delta, lp={"content": lp} if lp else None)
                 lp = None
@@ -108,7 +129,10 @@ async def chat_events(ctx: AppContext, req: ChatCompletionRequest, run: Run, cid
                 reason = "tool_calls"
             yield chunk(i, {}, finish=reason)
     if include_usage:
-        yield {**base, "choices": [], "usage": usage(run, run.prompt_tokens)}
+        u = usage(run, run.prompt_tokens)
+        if reasoning is not None:
+            u["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+        yield {**base, "choices": [], "usage": u}
 
 
 async def fold_chat(events: AsyncIterator[dict[str, Any]], want_logprobs: bool) -> dict[str, Any]:
@@ -117,8 +141,9 @@ async def fold_chat(events: AsyncIterator[dict[str, Any]], want_logprobs: bool) 
     async for ev in events:
         head = ev
         for c in ev["choices"]:
-            st = choices.setdefault(c["index"], {"text": [], "lp": [], "finish": None, "calls": {}})
+            st = choices.setdefault(c["index"], {"text": [], "lp": [], "finish": None, "calls": {}, "thought": []})
             st["text"].append(c["delta"].get("content") or "")
+            st["thought"].append(c["delta"].get("reasoning_content") or "")
             for tc in c["delta"].get("tool_calls") or []:  # assembled as the OpenAI SDK does
                 call = st["calls"].setdefault(tc["index"], {"id": None, "type": "function",
                                                             "function": {"name": None, "arguments": ""}})
@@ -141,6 +166,9 @@ async def fold_chat(events: AsyncIterator[dict[str, Any]], want_logprobs: bool) 
 def _message(st: dict[str, Any]) -> dict[str, Any]:
     text, calls = "".join(st["text"]), st["calls"]
     msg: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+    thought = "".join(st.get("thought", ()))
+    if thought:
+        msg["reasoning_content"] = thought
     if calls:
         msg["tool_calls"] = [calls[k] for k in sorted(calls)]
     return msg
@@ -176,8 +204,9 @@ async def chat_completions(request: Request) -> Response:
     cid, created = f"chatcmpl-{run.base_id}", int(time.time())
     if req.stream:
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return await respond(request, run, chat_events(ctx, req, run, cid, created, include, plan.tools), True, None)
-    events = chat_events(ctx, req, run, cid, created, True, plan.tools)
+        events = chat_events(ctx, req, run, cid, created, include, plan.tools, plan.reasoning, plan.reasoning_opened)
+        return await respond(request, run, events, True, None)
+    events = chat_events(ctx, req, run, cid, created, True, plan.tools, plan.reasoning, plan.reasoning_opened)
     return await respond(request, run, events, False, lambda ev: fold_chat(ev, req.logprobs))
 
 

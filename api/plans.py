@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from engine.constrained.structured import CompiledGrammar
     from engine.constrained.tools import ToolPlan
     from engine.text.prompt import ChatPrompt
+    from engine.text.reasoning import ReasoningTags
 
     from .context import AppContext
 
@@ -217,15 +218,54 @@ class ChatPlan:
     tools: ToolPlan
     prompt_ids: list[int]
     jobs: list[Job]
+    reasoning: ReasoningTags | None = None  # split the output on these tags (engine/text/reasoning.py)
+    reasoning_opened: bool = False  # the prompt ends inside the think block
+
+
+def reasoning_tags(ctx: AppContext, req: ChatCompletionRequest) -> ReasoningTags | None:
+    """The request's reasoning_format, else the server's --reasoning-format (auto: detected from
+    the chat template and the vocabulary)."""
+    from engine.text.reasoning import detect_tags
+
+    fmt = req.reasoning_format or getattr(ctx.settings, "reasoning_format", "auto")
+    tmpl = ctx.engine.chat_template
+    sources = " ".join(t.source or "" for t in (tmpl, getattr(tmpl, "tool_use", None)) if t is not None)
+    try:
+        return detect_tags(fmt, sources, ctx.engine.tokenizer)
+    except ValueError as e:
+        raise invalid(str(e), "reasoning_format") from None
+
+
+def reasoning_kwargs(req: ChatCompletionRequest) -> dict | None:
+    """chat_template_kwargs plus reasoning_effort (the client's own kwargs win)."""
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.reasoning_effort is not None:
+        kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+    return kwargs or req.chat_template_kwargs
+
+
+def thinking_budget(ctx: AppContext, req: ChatCompletionRequest, tags: ReasoningTags, opened: bool) -> Any:
+    """A fresh ThinkingBudget for one choice, or None when thinking is unlimited."""
+    from engine.text.reasoning import ThinkingBudget
+
+    budget = req.reasoning_budget if req.reasoning_budget is not None else getattr(
+        ctx.settings, "reasoning_budget", -1)
+    if budget < 0:
+        return None
+    tok = ctx.engine.tokenizer
+    end_ids = tok.encode(tags.end, add_special=False, parse_special=True)
+    return ThinkingBudget(tags, budget, end_ids, tok.token_bytes, opened=opened)
 
 
 def prepare_chat(progress: Progress, ctx: AppContext, raw: bytearray) -> ChatPlan:
     """A /v1/chat/completions body -> the engine jobs (one per choice) and the tool plan."""
-    return plan_chat(progress, ctx, parse_body(ChatCompletionRequest, decode_json(raw)))
+    return plan_chat(progress, ctx, parse_body(ChatCompletionRequest, decode_json(raw)), reasoning=True)
 
 
-def plan_chat(progress: Progress, ctx: AppContext, req: ChatCompletionRequest) -> ChatPlan:
-    """A validated chat request -> its plan (also what /v1/messages translates its bodies into)."""
+def plan_chat(progress: Progress, ctx: AppContext, req: ChatCompletionRequest, reasoning: bool = False) -> ChatPlan:
+    """A validated chat request -> its plan (also what /v1/messages translates its bodies into).
+    With `reasoning` (the chat completions endpoint) thinking models' output is split on their tags,
+    a grammar applies only after the thinking, and the thinking budget is enforced."""
     check_model(ctx, req.model)
     max_tokens = resolve_max_tokens(req, req.max_completion_tokens, default=None)
     if max_tokens == 0:
@@ -243,8 +283,20 @@ def plan_chat(progress: Progress, ctx: AppContext, req: ChatCompletionRequest) -
         raise invalid(f"{other.param} cannot be combined with tools unless tool_choice is 'none'", other.param)
     spec = tools.grammar or other
     grammar = compile_grammar(ctx, spec, progress, started) if spec is not None else None
-    prompt = chat_prompt(ctx, tools.messages, tools.template_tools, req.chat_template_kwargs,
-                         req.add_generation_prompt, progress)
+    tags = reasoning_tags(ctx, req) if reasoning else None
+    prompt = chat_prompt(ctx, tools.messages, tools.template_tools, reasoning_kwargs(req) if reasoning
+                         else req.chat_template_kwargs, req.add_generation_prompt, progress)
+    opened = False
+    if tags is not None:
+        from engine.text.reasoning import compose_grammar, prompt_opens
+
+        opened = prompt_opens(prompt.text, tags)
+        if spec is not None:  # free thinking, then the answer under the grammar
+            try:
+                composed = dataclasses.replace(spec, grammar=compose_grammar(spec.grammar, tags, opened))
+            except ValueError as e:
+                raise invalid(f"{spec.param} cannot be combined with reasoning: {e}", spec.param) from None
+            grammar = compile_grammar(ctx, composed, progress, started)
     lp = (req.top_logprobs or 0) if req.logprobs else None
     jobs = []
     for i, s in enumerate(seeds(req.seed, req.n)):
@@ -252,8 +304,18 @@ def plan_chat(progress: Progress, ctx: AppContext, req: ChatCompletionRequest) -
         params.grammar = grammar.new_state() if grammar is not None else None  # one state per choice
         if tools.parses_calls and tools.format.keep_special_tokens:
             params.skip_special_tokens = False  # the call marker is a special token
+        if tags is not None:
+            params.token_forcer = thinking_budget(ctx, req, tags, opened)
+            if _is_special_tag(ctx, tags):
+                params.skip_special_tokens = False  # the tags are special tokens (Qwen3): keep their text
         jobs.append(Job(prompt.token_ids, params, i))
-    return ChatPlan(req, tools, prompt.token_ids, jobs)
+    return ChatPlan(req, tools, prompt.token_ids, jobs, tags, opened)
+
+
+def _is_special_tag(ctx: AppContext, tags: ReasoningTags) -> bool:
+    tok = ctx.engine.tokenizer
+    ids = tok.encode(tags.end, add_special=False, parse_special=True)
+    return len(ids) == 1 and tok.is_special(ids[0])
 
 
 # ---- completions -----------------------------------------------------------------------------

@@ -262,6 +262,10 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # reasoning models (engine/text/reasoning.py): passed to the template / override the server's setting
+    reasoning_effort: str | None = None
+    reasoning_format: Literal["auto", "none", "deepseek"] | None = None
+    reasoning_budget: int | None = Field(None, ge=-1)  # -1: unlimited
 
     @model_validator(mode="after")
     def _chat_checks(self) -> "ChatCompletionRequest":

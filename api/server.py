@@ -60,6 +60,8 @@ class ServerSettings:
     max_grammar_chars: int = 65536
     parse_special_in_content: bool = False
     no_webui: bool = False
+    reasoning_format: str = "auto"  # auto | none | deepseek: split <think>...</think> into reasoning_content
+    reasoning_budget: int = -1  # thinking tokens before the end tag is forced; -1: unlimited
 
     def model_id(self) -> str:
         """The id clients see: the alias, else the registry name or the file's stem."""
@@ -166,6 +168,10 @@ def load_settings(cli: dict[str, Any] | None = None, config_file: str | None = N
         raise SettingsError(f"cpu_weights must be auto or exact, not {s.cpu_weights!r}")
     if s.pooling not in ("", "mean", "cls", "last", "none"):
         raise SettingsError(f"pooling must be mean, cls, last or none, not {s.pooling!r}")
+    if s.reasoning_format not in ("auto", "none", "deepseek"):
+        raise SettingsError(f"reasoning_format must be auto, none or deepseek, not {s.reasoning_format!r}")
+    if s.reasoning_budget < -1:
+        raise SettingsError(f"reasoning_budget must be -1 (unlimited) or >= 0, not {s.reasoning_budget}")
     if s.log_format not in ("text", "json"):
         raise SettingsError(f"log_format must be text or json, not {s.log_format!r}")
     if not 0 < s.port < 65536:

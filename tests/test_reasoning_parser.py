@@ -157,3 +157,25 @@ def test_sampler_forces_token_and_leaves_plain_greedy_after() -> None:
     assert drawn[2] == 5 and 5 not in drawn[:2] and not budget.active
     s.params.temperature = 0.0
     assert is_plain_greedy(s)  # the forcer is done: the decode graph's argmax may stand in again
+
+
+def test_settings_flag_env_and_validation() -> None:
+    import argparse
+
+    from api.cli_serve import add_serve_args
+    from api.server import SettingsError, load_settings
+
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    args = p.parse_args(["--reasoning-format", "deepseek", "--reasoning-budget", "32"])
+    assert (args.reasoning_format, args.reasoning_budget) == ("deepseek", 32)
+
+    s = load_settings({"reasoning_format": "none", "reasoning_budget": 7}, env={})
+    assert (s.reasoning_format, s.reasoning_budget) == ("none", 7)
+    s = load_settings({}, env={"LLAMATRON_REASONING_FORMAT": "deepseek", "LLAMATRON_REASONING_BUDGET": "0"})
+    assert (s.reasoning_format, s.reasoning_budget) == ("deepseek", 0)
+    assert load_settings({}, env={}).reasoning_format == "auto"
+    with pytest.raises(SettingsError):
+        load_settings({"reasoning_format": "qwen"}, env={})
+    with pytest.raises(SettingsError):
+        load_settings({"reasoning_budget": -2}, env={})

@@ -6,12 +6,14 @@ FIM tokens; generation stops at the end-of-generation set, which holds fim_pad/r
 without prefix/suffix/middle tokens answers 400 `infill_not_supported` naming the missing ones.
 /infill answers in /completion's shapes (api/native.py), streamed or not.
 
-Budget (llama-server's n_batch, n_predict, n_ctx): n_ctx is the server's context; n_predict the
-request's (llama-server uses its -n, -1 by default), with an unlimited one counted as a quarter of
-the context (at most 512) so the prompt always leaves room to generate; n_batch is llama-server's
-default 2048, lowered to half the context and to what the context leaves after that room (so a
-small context still keeps some extra context, and prefix + suffix always fit). With those three
-the prompt is token for token llama-server's; for contexts of 4096 and more n_batch is 2048.
+Budget (llama-server's n_batch, n_predict, n_ctx): n_ctx is the server's context; n_predict, as
+llama-server's -n, is one server-wide value and never the request's, so the same file gives the
+same prompt whatever a request asks for (editors warm the prefix cache with n_predict 0 and then
+ask for tokens): an eighth of the context, at most 512. n_batch is llama-server's default 2048,
+lowered to half the context and to what the context leaves after n_predict (so a small context
+still keeps some extra context, and prefix + suffix always fit). A request's own n_predict is a
+ceiling, lowered to what the context leaves after the prompt. With those three the prompt is
+token for token llama-server's; for contexts of 4096 and more n_batch is 2048.
 """
 
 from __future__ import annotations
@@ -127,14 +129,24 @@ def supported(ctx: AppContext) -> FimTokens:
         raise invalid(str(e), None, code="infill_not_supported") from None
 
 
+def budget(n_ctx: int) -> dict[str, int]:
+    """fim_layout's n_batch, n_predict and n_ctx for a server with this context (module doc)."""
+    room = min(n_ctx // 8, 512)
+    return {"n_batch": max(4, min(FIM_BATCH, n_ctx // 2, n_ctx - room - 4)), "n_predict": room, "n_ctx": n_ctx}
+
+
 def layout(ctx: AppContext, fim: FimTokens, prefix: Any, suffix: Any, extra: list[ExtraChunk],
-           prompt_ids: list[int], n_predict: int | None) -> FimPrompt:
+           prompt_ids: list[int]) -> FimPrompt:
     """The FIM prompt under this server's budget (module doc)."""
-    n_ctx = ctx.engine.config.max_model_len
-    room = n_predict if n_predict is not None and n_predict > 0 else min(n_ctx // 4, 512)
-    n_batch = max(4, min(FIM_BATCH, n_ctx // 2, n_ctx - room - 4))
-    return fim_layout(ctx.engine.tokenizer, fim, prefix, suffix, extra, prompt_ids, n_batch=n_batch,
-                      n_predict=room, n_ctx=n_ctx)
+    return fim_layout(ctx.engine.tokenizer, fim, prefix, suffix, extra, prompt_ids,
+                      **budget(ctx.engine.config.max_model_len))
+
+
+def cap(ctx: AppContext, params: Any, n_prompt: int) -> None:
+    """A request's max tokens as a ceiling: lowered to the room the context leaves."""
+    room = ctx.engine.config.max_model_len - n_prompt
+    if room >= 1 and params.max_tokens is not None and params.max_tokens > room:
+        params.max_tokens = room
 
 
 def _check_ids(ctx: AppContext, value: Any, param: str) -> None:
@@ -151,6 +163,7 @@ def _chars(value: Any) -> int:
 @dataclass
 class InfillPlan(NativePlan):
     truncated: bool = False  # the prefix, suffix or extra context was cut to fit
+    warm_only: bool = False  # n_predict 0: evaluate the prompt (prefix cache), generate nothing
 
 
 def prepare_infill(progress: Progress, ctx: AppContext, raw: bytearray) -> InfillPlan:
@@ -162,7 +175,9 @@ def prepare_infill(progress: Progress, ctx: AppContext, raw: bytearray) -> Infil
     check_sizes(ctx, sizes, "input_prefix", prompt=False)  # trimmed to fit, so not a context error
     _check_ids(ctx, req.input_prefix, "input_prefix")
     _check_ids(ctx, req.input_suffix, "input_suffix")
-    params = native_params(ctx, req)
+    n_predict = req.max_tokens if req.max_tokens is not None else req.n_predict
+    warm_only = n_predict == 0  # llama.vim / llama.vscode warm the cache with n_predict 0
+    params = native_params(ctx, req.model_copy(update={"n_predict": 1, "max_tokens": None}) if warm_only else req)
     spec = grammar_spec(ctx, req, progress)
     if spec is not None:
         params.grammar = compile_grammar(ctx, spec, progress, time.monotonic()).new_state()
@@ -170,17 +185,25 @@ def prepare_infill(progress: Progress, ctx: AppContext, raw: bytearray) -> Infil
     progress.param = "input_prefix"
     tok = ctx.engine.tokenizer
     prompt_ids = tok.encode(req.prompt, add_special=False, parse_special=True) if req.prompt else []
-    n_predict = req.max_tokens if req.max_tokens is not None else req.n_predict
-    fp = layout(ctx, fim, req.input_prefix, req.input_suffix, extra, prompt_ids, n_predict)
+    fp = layout(ctx, fim, req.input_prefix, req.input_suffix, extra, prompt_ids)
+    cap(ctx, params, len(fp.token_ids))
     cut = fp.n_prefix < fp.n_prefix_total or fp.n_suffix < fp.n_suffix_total or (
         bool(extra) and fp.n_extra < fp.n_extra_total)  # the repo header alone is not the client's text
-    return InfillPlan(req, fp.token_ids, params, tok.decode(fp.token_ids), cut)
+    return InfillPlan(req, fp.token_ids, params, tok.decode(fp.token_ids), cut, warm_only)
 
 
-async def _mark_truncated(events: AsyncIterator[dict[str, Any]], truncated: bool) -> AsyncIterator[dict[str, Any]]:
+async def _finish_events(events: AsyncIterator[dict[str, Any]], plan: InfillPlan) -> AsyncIterator[dict[str, Any]]:
+    """/completion's events with `truncated` set; for n_predict 0 the one token the engine had to
+    sample is dropped (llama-server answers such a request with no content, stop_type limit)."""
     async for ev in events:
         if ev.get("stop"):
-            ev["truncated"] = truncated
+            ev["truncated"] = plan.truncated
+            if plan.warm_only:
+                ev.update(tokens_predicted=0, stop_type="limit", stopping_word="", has_new_line=False,
+                          tokens_cached=ev["tokens_evaluated"])
+                ev["generation_settings"].update(n_predict=0, max_tokens=0)
+        elif plan.warm_only:
+            continue
         yield ev
 
 
@@ -190,7 +213,7 @@ async def infill(request: Request) -> Response:
     plan = await ctx.offload.run(prepare_infill, ctx, await read_body(request, ctx))
     req = plan.req
     run = Run(ctx, [Job(plan.ids, plan.params, 0)], param="input_prefix")
-    events = _mark_truncated(native_events(ctx, req, run, plan.prompt_text, plan.ids), plan.truncated)
+    events = _finish_events(native_events(ctx, req, run, plan.prompt_text, plan.ids), plan)
     if req.stream:  # as /completion: llama-server's native stream has no [DONE] marker
         return await respond(request, run, events, True, None, done_marker=False)
     return await respond(request, run, events, False, lambda ev: fold_native(ev, req.return_tokens))
@@ -234,11 +257,12 @@ def prepare_completion_fim(progress: Progress, ctx: AppContext, raw: bytearray) 
     progress.param = "prompt"
     prompts, jobs = [], []
     for p, prompt in enumerate(req.prompt):
-        fp = layout(ctx, fim, prompt, req.suffix, [], [], max_tokens)
+        fp = layout(ctx, fim, prompt, req.suffix, [], [])
         text = prompt if isinstance(prompt, str) else ctx.engine.tokenizer.decode(prompt)
         prompts.append((text, fp.token_ids))
         for i, s in enumerate(seeds(req.seed, req.n)):
             params = sampling_params(ctx, req, max_tokens=max_tokens, logprobs=req.logprobs, seed=s)
             params.grammar = grammar.new_state() if grammar is not None else None
+            cap(ctx, params, len(fp.token_ids))
             jobs.append(Job(fp.token_ids, params, p * req.n + i))
     return CompletionPlan(req, prompts, jobs, False)

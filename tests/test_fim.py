@@ -190,7 +190,7 @@ def test_smollm2_completions_suffix_is_a_400_naming_the_tokens(smol: Any) -> Non
      "input_extra[0].filename"),
     ({"input_prefix": "a", "input_suffix": "b", "input_extra": ["t"]}, "input_extra[0]"),
     ({"input_prefix": [10**9], "input_suffix": "b"}, "input_prefix"),
-    ({"input_prefix": "a", "input_suffix": "b", "n_predict": 0}, "n_predict"),
+    ({"input_prefix": "a", "input_suffix": "b", "n_predict": -2}, "n_predict"),
     ({"input_prefix": "a", "input_suffix": "b", "temperature": "hot"}, "temperature"),
     ({"input_prefix": "a", "input_suffix": "b", "stream": "yes"}, "stream"),
     ({"input_prefix": "a", "input_suffix": "b", "grammar": "root ::= ("}, "grammar"),

@@ -95,10 +95,10 @@ def test_infill_completes_a_function_body(qwen_server: Any) -> None:
     assert out["stop"] is True and out["stop_type"] == "eos"  # ended by an end-of-generation token
     assert out["prompt"].startswith("<|repo_name|>myproject\n<|file_sep|>filename\n<|fim_prefix|>def square")
     assert out["prompt"].endswith(FN_SUFFIX + "<|fim_middle|>") and out["truncated"] is False
-    # the server's prompt is the layout under its budget (ctx 2048, n_predict 32 -> n_batch 1024)
+    # the server's prompt is the layout under its budget (ctx 2048 -> n_predict 256, n_batch 1024)
     tok = qwen_server.engine.tokenizer
     fim = find_fim_tokens(tok)
-    expected = fim_layout(tok, fim, FN_PREFIX, FN_SUFFIX, n_batch=1024, n_predict=32, n_ctx=2048).token_ids
+    expected = fim_layout(tok, fim, FN_PREFIX, FN_SUFFIX, n_batch=1024, n_predict=256, n_ctx=2048).token_ids
     assert out["tokens_evaluated"] == len(expected) and out["prompt"] == tok.decode(expected)
 
 
@@ -170,3 +170,18 @@ def test_whole_files_are_trimmed_to_fit(qwen_server: Any) -> None:
     assert FN_PREFIX + "<|fim_suffix|>" + FN_SUFFIX in out["prompt"]  # the text around the cursor survives
     assert "def f0(x)" not in out["prompt"] and "def g599(x)" not in out["prompt"]
     assert "return" in out["content"]
+
+
+def test_n_predict_zero_only_warms_the_cache(qwen_server: Any) -> None:
+    """llama.vim / llama.vscode send n_predict 0 to prefill the prefix cache with the extra context."""
+    extra = [{"filename": "big.py", "text": "".join(f"K{i} = {i}\n" for i in range(100))}]
+    with qwen_server.client() as c:
+        warm = _infill(c, input_extra=extra, n_predict=0)
+        assert warm["content"] == "" and warm["tokens_predicted"] == 0 and warm["stop_type"] == "limit"
+        r = c.post("/infill", json={"input_prefix": FN_PREFIX, "input_suffix": FN_SUFFIX, "input_extra": extra,
+                                    "n_predict": 0, "stream": True})
+        events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln]
+        assert len(events) == 1 and events[0]["stop"] and events[0]["tokens_predicted"] == 0
+        out = _infill(c, input_extra=extra)
+    assert warm["tokens_evaluated"] > 300 and out["tokens_evaluated"] == warm["tokens_evaluated"]
+    assert out["timings"]["cache_n"] >= warm["tokens_evaluated"] - 16  # all full KV blocks came from the cache

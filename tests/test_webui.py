@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from server_fixture import metric, settle, start_server
 
 KEY = "webui-test-key"
 XSS = "<img src=x onerror=window.__pwned=1>"
+FOREIGN = re.compile(r"""(src|href)\s*=\s*["']?(https?:)?//|from\s+["'](https?:)?//|url\(\s*["']?(https?:)?//""")
 
 
 def _browser_binaries() -> tuple[str, str] | str:
@@ -58,9 +60,12 @@ def test_page_and_assets_open_without_key_api_needs_it(key_server: Any) -> None:
     page = httpx.get(base + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "script-src 'self'" in page.headers["content-security-policy"]  # no inline script may run
-    assert "<script" in page.text and "http" not in page.text.split("<body>")[0].replace("http-equiv", "")  # no CDN
-    for name in ("app.js", "api.js", "markdown.js", "store.js", "style.css", "icon.svg"):
-        assert httpx.get(f"{base}/webui/{name}").status_code == 200, name
+    for name in ("", "webui/app.js", "webui/api.js", "webui/markdown.js", "webui/store.js", "webui/style.css",
+                 "webui/icon.svg"):
+        r = httpx.get(f"{base}/{name}")
+        assert r.status_code == 200, name
+        # nothing loads from another host (no CDN): every src/href/import/url() is this origin's
+        assert not FOREIGN.search(r.text), name
     assert httpx.get(base + "/webui/nope.js").status_code == 404
     assert httpx.get(base + "/webui/..%2Fwebui.py").status_code == 404  # only the shipped files
     assert httpx.get(base + "/v1/models").status_code == 401
@@ -343,6 +348,17 @@ def test_model_setting_and_errors(browser: Any, server: Any) -> None:
     assert conv["settings"]["model"] == "smollm2"
 
 
+def test_context_too_long_is_explained(browser: Any, server: Any, tmp_path: Path) -> None:
+    drv = browser
+    long = {"title": "Too long", "settings": {"model": "smollm2", "max_tokens": 16},
+            "messages": [{"role": "user", "content": "word " * 3000}]}
+    import_json(drv, tmp_path, long)
+    wait_for(lambda: drv.find_element("id", "title").text == "Too long", 10, "the import", drv)
+    by_css(drv, "#messages .regenerate")[-1].click()
+    ans = last_answer(drv)
+    assert "too long for the model's context" in ans["error"] and "Start a new conversation" in ans["error"], ans
+
+
 def test_live_answer_with_html_stays_text(browser: Any, server: Any) -> None:
     """A real streamed answer containing an <img onerror> tag (the grammar makes smollm2 write it):
     it shows as text, and no element is created from it."""
@@ -357,6 +373,7 @@ def test_live_answer_with_html_stays_text(browser: Any, server: Any) -> None:
           }
           return real(url, opts);
         };""", grammar)
+    by_css(drv, "#new-chat")[0].click()
     send(drv, "Say it.")
     ans = last_answer(drv)
     assert ans["text"] == f"Sure: {XSS} and bold", ans

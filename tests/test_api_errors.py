@@ -41,6 +41,8 @@ def test_llama_server_error_cases_are_4xx(api_server) -> None:  # noqa: F811
     records = json.loads((DATA / "errors.json").read_text())["records"]
     with api_server.client() as c:
         for rec in records:
+            if rec["path"] == "/":  # recorded from a llama-server without its web UI; ours serves its chat page
+                continue
             r = send(c, rec)
             assert r.status_code < 500, (rec["name"], r.status_code, r.text)
             if rec["status"] >= 400:  # llama-server called it a mistake (sometimes with a 500): so do we
@@ -197,7 +199,9 @@ def auth_server() -> Any:
 
 
 def test_auth_records(auth_server) -> None:
-    ours = {"lowercase_bearer": 200, "root_no_auth": 401}  # we accept any case of "Bearer" (RFC 7235)
+    # we accept any case of "Bearer" (RFC 7235); "/" is the web UI's page, served without a key as
+    # llama-server's own page is (the API calls it makes carry the key)
+    ours = {"lowercase_bearer": 200, "root_no_auth": 200}
     records = json.loads((DATA / "errors_auth.json").read_text())["records"]
     with auth_server.client() as c:
         for rec in records:

@@ -3,7 +3,8 @@
 Each input becomes one prefill-only engine request (engine/core/pooling.py), batched with whatever
 else runs; the engine answers plain lists of floats (pooled hidden states of the last layer after
 the final norm, normalised as llama-server's `embd_normalize` says, default euclidean). Off unless
-the server runs with `--embeddings`: like llama-server, the endpoints then answer 501.
+the server runs with `--embeddings`: the endpoints then answer 400 `not_supported_error` with
+llama-server's message (llama-server itself answers 501).
 
 - /v1/embeddings: `input` (string, list of strings, token ids, list of token-id lists),
   `encoding_format` float | base64 (little-endian float32), `dimensions` (the first n components,
@@ -190,7 +191,9 @@ async def _prepared(request: Request, oai: bool) -> tuple[AppContext, EmbeddingP
     ctx: AppContext = request.app.state.ctx
     ctx.check_admitting()
     if not ctx.settings.embeddings:
-        raise APIError(501, NOT_ENABLED, code="not_supported")
+        # llama-server answers 501; asking a server for what it was not started with is the client's
+        # mistake here (no 5xx for those): 400, the type still says what is missing
+        raise APIError(400, NOT_ENABLED, code="not_supported", type="not_supported_error")
     if oai and ctx.engine.default_pooling == "none":
         raise invalid("Pooling type 'none' is not OAI compatible. Please use a different pooling type")
     return ctx, await ctx.offload.run(prepare_embeddings, ctx, await read_body(request, ctx), oai)

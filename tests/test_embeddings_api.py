@@ -1,7 +1,7 @@
 """Embeddings against a real server (smollm2) with the official openai SDK: the vectors equal the
 mean-pooled last-layer hidden states of a direct forward pass, base64 == float, `dimensions`,
 llama-server's /embedding shape, 32 concurrent embedding requests among streaming chats (all
-succeed, the chats' greedy text unchanged), malformed bodies as OpenAI-shaped 4xx, 501 when not
+succeed, the chats' greedy text unchanged), malformed bodies as OpenAI-shaped 4xx, 400 when not
 enabled, /metrics, and the --embeddings / --pooling settings."""
 
 from __future__ import annotations
@@ -225,13 +225,13 @@ def test_too_long_input_names_its_index(srv, client) -> None:
     assert st.free_blocks == st.total_blocks
 
 
-def test_disabled_answers_501_saying_how_to_enable() -> None:
+def test_disabled_answers_400_saying_how_to_enable() -> None:
     s = start_server()
     try:
         with s.client() as c:
             for path in ("/v1/embeddings", "/embedding", "/embeddings"):
                 r = c.post(path, json={"input": "hi"})
-                assert r.status_code == 501
+                assert r.status_code == 400
                 err = r.json()["error"]
                 assert "--embeddings" in err["message"] and err["type"] == "not_supported_error"
             assert c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],

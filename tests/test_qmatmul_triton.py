@@ -205,5 +205,6 @@ def test_bench_script_runs(capsys, tmp_path):
     assert bench_kernels.main(["--device", "cpu", "--shapes", "tiny", "--types", "Q6_K", "--ms", "2,20",
                                "--no-attention", "--out", str(md)]) == 0
     out = capsys.readouterr().out
-    assert "| tiny | Q6_K | 40 | 256 | 2 | gemv |" in out and "| 20 | mm |" in out and "2 rows, 0 errors" in out
+    # Q6_K is packed: M >= 2 takes the packed tensor-core kernel (qmatmul_packed.choose)
+    assert "| tiny | Q6_K | 40 | 256 | 2 | mm |" in out and "| 20 | mm |" in out and "2 rows, 0 errors" in out
     assert "| 20 | mm |" in md.read_text()

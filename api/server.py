@@ -256,7 +256,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 async def serve_async(settings: ServerSettings, sock: socket.socket | None = None) -> int:
-    from engine.core.engine import AsyncEngine
+    from engine.core.async_engine import AsyncEngine
 
     from .app import create_app
 

@@ -82,7 +82,7 @@ def start_server(loaded: Any = None, max_waiting: int = 1024, **overrides: Any) 
     are ServerSettings fields."""
     from api.app import create_app
     from api.server import ServerSettings, make_uvicorn_server, uvicorn_config
-    from engine.core.engine import AsyncEngine
+    from engine.core.async_engine import AsyncEngine
 
     loaded = loaded if loaded is not None else loaded_model()
     values: dict[str, Any] = dict(model=str(loaded.path), alias="smollm2", device="cpu", port=free_port(),

@@ -236,7 +236,7 @@ def test_body_too_large_is_413(auth_server) -> None:
 def test_health_503_until_loaded_then_200() -> None:
     from api.app import create_app
     from api.server import ServerSettings, make_uvicorn_server, uvicorn_config
-    from engine.core.engine import AsyncEngine
+    from engine.core.async_engine import AsyncEngine
     from server_fixture import free_port
 
     loaded = loaded_model()

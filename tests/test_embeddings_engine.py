@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from engine.config import GGUF_POOLING, EngineConfig, ModelConfig
-from engine.core.engine import AsyncEngine, ContextLengthError, LLMEngine
+from engine.core.async_engine import AsyncEngine
+from engine.core.engine import ContextLengthError, LLMEngine
 from engine.core.pooling import PoolingParams, normalize, pool_hidden
 from engine.core.sampling import SamplingParams
 from kernels import AttentionMetadata

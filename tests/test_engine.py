@@ -9,7 +9,8 @@ import random
 import pytest
 
 from engine.config import EngineConfig
-from engine.core.engine import AsyncEngine, ContextLengthError, LLMEngine
+from engine.core.async_engine import AsyncEngine
+from engine.core.engine import ContextLengthError, LLMEngine
 from engine.core.sampling import SamplingParams
 from tests.synth import SMOLLM2, write_tiny_model
 

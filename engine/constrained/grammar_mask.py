@@ -6,23 +6,35 @@ tokenizer's vocabulary (a padded LM head) are always disallowed.
 
 `fill_masks` is the batched form for the sampler: it computes the masks of all constrained rows
 (in parallel in llguidance's thread pool, GIL released, when there are enough cores), then
-applies them at once: one host-to-device copy of the packed words on an accelerator.
+applies them at once: one host-to-device copy of the packed words on an accelerator. A row is
+anything with the `MaskedRow` shape (engine/constrained/structured.py's GrammarState is the one
+the sampler passes); this module knows bitmasks and matchers, not grammars.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .structured import GrammarState
+    import llguidance as llg
 
 _executor = None
 _CPUS = os.cpu_count() or 1
 _shifts: dict[torch.device, torch.Tensor] = {}
+
+
+class MaskedRow(Protocol):
+    """What `fill_masks` needs of one constrained row: its matcher, a [1, words] int32 bitmask
+    buffer (its width gives the batch's), and the one-row path."""
+
+    matcher: llg.LLMatcher
+    bitmask: np.ndarray
+
+    def fill_mask(self, logits_row: torch.Tensor) -> None: ...
 
 
 def _unpack(words: torch.Tensor) -> torch.Tensor:
@@ -62,7 +74,7 @@ def _get_executor():  # noqa: ANN202 - llguidance type
     return _executor
 
 
-def fill_masks(logits: torch.Tensor, rows: Sequence[tuple[int, GrammarState]]) -> list[str | None]:
+def fill_masks(logits: torch.Tensor, rows: Sequence[tuple[int, MaskedRow]]) -> list[str | None]:
     """Constrain rows of `logits` [B, V] in place: rows = [(row index, grammar state), ...].
     Returns one error message (or None) per entry of `rows`: a failed matcher ends only its
     own request."""

@@ -1,6 +1,6 @@
 """LLMEngine: the synchronous step loop (schedule -> run -> sample -> outputs) and offline generate.
 
-AsyncEngine (engine/core/async_engine.py, importable from here) runs an LLMEngine on a background
+AsyncEngine (engine/core/async_engine.py, which builds on this module) runs an LLMEngine on a background
 thread for the API. One step:
     sched = scheduler.schedule()        # who computes how many tokens; aborts/preemptions applied
     result = runner.execute(sched)      # one forward pass, sampled tokens for finishing sequences
@@ -314,14 +314,5 @@ class LLMEngine:
         return [got[r] for r in rids]
 
 
-def __getattr__(name: str):
-    """AsyncEngine lives in engine/core/async_engine.py (which imports this module); the API's contract
-    imports it from here, so resolve it lazily."""
-    if name == "AsyncEngine":
-        from .async_engine import AsyncEngine
-
-        return AsyncEngine
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-__all__ = ["AsyncEngine", "ContextLengthError", "EngineDeadError", "EngineOverloadedError", "EngineStats",
+__all__ = ["ContextLengthError", "EngineDeadError", "EngineOverloadedError", "EngineStats",
            "GenerationResult", "LLMEngine", "validate_embedding", "validate_request"]

@@ -33,7 +33,7 @@ from kernels import AttentionMetadata
 from .sampling import greedy_token_ids
 
 if TYPE_CHECKING:
-    from .runner import StepMetadata
+    from .step_metadata import StepMetadata
 
 log = logging.getLogger("llamatron.runner")
 

@@ -28,6 +28,7 @@ COPY pyproject.toml README.md ./
 COPY engine ./engine
 COPY kernels ./kernels
 COPY api ./api
+COPY llamatron_tools ./llamatron_tools
 COPY scripts ./scripts
 COPY configs ./configs
 # pip keeps the image's torch (already satisfies the range) and adds only what is missing.

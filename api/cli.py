@@ -57,7 +57,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
-    from scripts.loadtest import main as loadtest_main
+    from llamatron_tools.loadtest import main as loadtest_main
 
     return loadtest_main(args.rest)
 
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list registry models and whether each is present")
     m.set_defaults(func=_cmd_models)
 
-    lt = sub.add_parser("loadtest", help="load-test any OpenAI-compatible server (scripts/loadtest.py)", add_help=False)
+    lt = sub.add_parser("loadtest", help="load-test any OpenAI-compatible server (llamatron_tools/loadtest.py)",
+                        add_help=False)
     lt.add_argument("rest", nargs=argparse.REMAINDER)
     lt.set_defaults(func=_cmd_loadtest)
 
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["loadtest"]:  # its own parser owns every flag, --help included
-        from scripts.loadtest import main as loadtest_main
+        from llamatron_tools.loadtest import main as loadtest_main
 
         return loadtest_main(argv[1:])
     args = build_parser().parse_args(argv)

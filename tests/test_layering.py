@@ -4,9 +4,10 @@ The graph is built with `ast` from every `import`/`from` statement in a module: 
 inside functions, and under `if TYPE_CHECKING:` alike (a type-only cycle is still a cycle of
 concepts). Checked:
 - no import cycle among the modules of engine/, nor among those of kernels/;
-- nothing in api/, engine/ or kernels/ imports scripts/ (scripts are entry points, not library);
+- nothing in api/, engine/, kernels/ or llamatron_tools/ imports scripts/ (entry points, not library);
 - api/ imports neither kernels/ nor torch (it reaches the model only through engine/);
-- engine/ imports neither api/ nor starlette (it never sees HTTP).
+- engine/ imports neither api/ nor starlette (it never sees HTTP);
+- llamatron_tools/ (the load generator, a client of any server) imports none of api/, engine/, kernels/.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("api", "engine", "kernels")
+PACKAGES = ("api", "engine", "kernels", "llamatron_tools")
 
 
 def _module_name(path: Path) -> str:
@@ -122,12 +123,21 @@ def test_no_import_cycles_in_engine_or_kernels() -> None:
         assert cycles(graph, pkg) == [], f"import cycles in {pkg}/"
 
 
+def test_nothing_imports_scripts() -> None:
+    graph = import_graph()
+    assert [v for p in PACKAGES for v in _violations(graph, p, ("scripts",))] == []
+
+
 def test_api_reaches_the_model_only_through_engine() -> None:
     assert _violations(import_graph(), "api", ("kernels", "torch")) == []
 
 
 def test_engine_never_sees_http() -> None:
     assert _violations(import_graph(), "engine", ("api", "starlette")) == []
+
+
+def test_tools_are_clients_only() -> None:
+    assert _violations(import_graph(), "llamatron_tools", ("api", "engine", "kernels", "torch")) == []
 
 
 def test_the_checker_finds_a_cycle() -> None:

@@ -1,4 +1,5 @@
-"""scripts/loadtest.py: pure statistics, the SSE client against a scripted endpoint, and a real run.
+"""llamatron_tools/loadtest.py (`llamatron loadtest`, scripts/loadtest.py): pure statistics, the SSE
+client against a scripted endpoint, and a real run.
 
 The scripted endpoint (a few lines of Starlette below) lets the client's parsing and accounting be
 checked against exact, known streams (multi-token chunks, error events, HTTP errors). The last test
@@ -23,10 +24,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts import loadtest, loadtest_stats as st  # noqa: E402
-from scripts.loadtest_stats import RequestRecord  # noqa: E402
 from server_fixture import api_server  # noqa: E402,F401  (module-scoped real llamatron server)
 
+from llamatron_tools import loadtest  # noqa: E402
+from llamatron_tools import loadtest_stats as st  # noqa: E402
+from llamatron_tools.loadtest_stats import RequestRecord  # noqa: E402
 
 # ---------------------------------------------------------------- pure statistics
 
@@ -120,7 +122,7 @@ def test_url_guard_and_inputs(tmp_path):
 
 
 def test_importable_by_path_for_the_cli():
-    """`llamatron loadtest` may load the file by path (scripts/ is not an installed package)."""
+    """scripts/loadtest.py, the thin entry point, still runs when loaded by path (as `python scripts/loadtest.py`)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("loadtest_by_path", ROOT / "scripts" / "loadtest.py")

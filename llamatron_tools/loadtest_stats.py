@@ -1,4 +1,4 @@
-"""Numbers for scripts/loadtest.py: per-request records -> per-point summaries, tables, comparisons.
+"""Numbers for llamatron_tools/loadtest.py: per-request records -> per-point summaries, tables, comparisons.
 
 Pure functions over plain data (no I/O, no network) so they are unit-tested directly. A "point" is
 one setting of the sweep (a concurrency or a request rate); its summary is a JSON-ready dict.
@@ -71,7 +71,7 @@ def summarize(records: list[RequestRecord], label: str, extra: dict[str, Any] | 
     itl: list[float] = []
     tpot: list[float] = []
     for r in ok:
-        itl.extend(b - a for a, b in zip(r.chunk_times, r.chunk_times[1:]))
+        itl.extend(b - a for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False))
         n = output_tokens(r)
         if r.ttft is not None and n > 1:
             tpot.append((r.end - r.start - r.ttft) / (n - 1))
@@ -120,14 +120,17 @@ def _fmt(x: Any, digits: int = 1) -> str:
 def render_table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+    def line(vals: list[str]) -> str:
+        return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths, strict=False)))
+
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
 def tables(points: list[dict[str, Any]]) -> str:
     """Two tables: counts and throughput, then latency percentiles (milliseconds)."""
     t1 = render_table(
-        ["point", "ok", "failed", "cancel", "dur s", "req/s", "in tok", "out tok", "chunks", "out tok/s", "total tok/s"],
+        ["point", "ok", "failed", "cancel", "dur s", "req/s", "in tok", "out tok", "chunks", "out tok/s",
+         "total tok/s"],
         [[p["label"], p["ok"], p["failed"], p["cancelled"], p["duration_s"], p["throughput"]["requests_per_s"],
           p["tokens"]["prompt"], p["tokens"]["completion"], p["tokens"]["completion_chunks"],
           p["throughput"]["output_tokens_per_s"], p["throughput"]["total_tokens_per_s"]] for p in points],

@@ -1,4 +1,4 @@
-"""The HTTP side of scripts/loadtest.py: one streamed request, the preflight, and the two drivers.
+"""The HTTP side of llamatron_tools/loadtest.py: one streamed request, the preflight, and the two drivers.
 
 SSE is parsed here from raw lines (events end at a blank line; `data:` lines join with newlines;
 `[DONE]` ends the stream) so the timing of every chunk is ours, not a client library's.
@@ -19,10 +19,7 @@ from typing import Any
 
 import httpx
 
-try:
-    from .loadtest_stats import RequestRecord
-except ImportError:
-    from loadtest_stats import RequestRecord  # type: ignore[no-redef]
+from .loadtest_stats import RequestRecord
 
 try:
     from tqdm import tqdm

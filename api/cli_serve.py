@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any
 
 from .server import ServerSettings, SettingsError, load_settings, run_server
 
@@ -79,7 +78,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="thinking tokens before the end tag is forced (-1, the default: unlimited)")
 
 
-def settings_from_args(args: argparse.Namespace) -> Any:
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     fields = {f.name for f in dataclasses.fields(ServerSettings)}
     cli = {k: v for k, v in vars(args).items() if k in fields}  # the main parser may add its own keys
     if args.model_pos is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from engine.constrained.grammars import GrammarLimits
 
@@ -16,6 +16,7 @@ from .offload import Offloader
 if TYPE_CHECKING:
     from engine.core.async_engine import AsyncEngine
 
+    from .runs import Run
     from .server import ServerSettings
 
 BUILD_INFO = "llamatron-0.1.0"
@@ -38,7 +39,7 @@ class AppContext:
         self.metrics = Metrics(engine.stats)
         self.model_id: str = settings.model_id()
         self.model_path = Path(settings.model)
-        self.active: dict[str, Any] = {}  # base id -> api.runs.Run, for /slots
+        self.active: dict[str, Run] = {}  # base id -> its run, for /slots
         self.created = int(time.time())
         self.build_info = BUILD_INFO
         self.draining = False

@@ -36,6 +36,7 @@ from .runs import ClientGone, engine_error, read_body, until_disconnect
 from .schemas import parse_body
 
 if TYPE_CHECKING:
+    from engine.core.async_engine import RequestStream
     from engine.core.outputs import RequestOutput
     from engine.core.pooling import PoolingParams
 
@@ -128,7 +129,7 @@ def prepare_embeddings(progress: Progress, ctx: AppContext, raw: bytearray, oai:
 
 # ---- running -------------------------------------------------------------------------------------
 
-async def _answer(stream: Any) -> RequestOutput:
+async def _answer(stream: RequestStream) -> RequestOutput:
     last = None
     try:
         async for out in stream:
@@ -148,7 +149,7 @@ async def embed(request: Request, ctx: AppContext, plan: EmbeddingPlan) -> list[
     """Queues every input (a context or overload error is raised before any is computed), then waits
     for all; a client that goes away aborts the unfinished ones (their blocks freed)."""
     arrival, base = time.monotonic(), uuid.uuid4().hex[:24]
-    streams: list[Any] = []
+    streams: list[RequestStream] = []
     outcome = "abort"
     try:
         try:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
 from starlette.requests import Request
@@ -48,6 +48,10 @@ from .plans import (
 )
 from .runs import Job, Run, read_body
 from .schemas import CompletionRequest, NativeCompletionRequest, _Body, parse_body, reject_unsupported
+
+if TYPE_CHECKING:
+    from engine.core.sampling import SamplingParams
+    from engine.text.tokenizer import Tokenizer
 
 FIM_BATCH = 2048  # llama-server's default -b
 
@@ -96,7 +100,7 @@ class CompletionSuffixRequest(CompletionRequest):
 
 # ---- FIM tokens of the served model --------------------------------------------------------------
 
-_found: dict[int, tuple[Any, FimTokens]] = {}
+_found: dict[int, tuple[Tokenizer, FimTokens]] = {}
 _found_lock = threading.Lock()
 
 
@@ -142,7 +146,7 @@ def layout(ctx: AppContext, fim: FimTokens, prefix: Any, suffix: Any, extra: lis
                       **budget(ctx.engine.config.max_model_len))
 
 
-def cap(ctx: AppContext, params: Any, n_prompt: int) -> None:
+def cap(ctx: AppContext, params: SamplingParams, n_prompt: int) -> None:
     """A request's max tokens as a ceiling: lowered to the room the context leaves."""
     room = ctx.engine.config.max_model_len - n_prompt
     if room >= 1 and params.max_tokens is not None and params.max_tokens > room:

@@ -15,11 +15,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import APIError
 from .messages_errors import anthropic_error
 from .runs import NamedEventSSE, Run, named_event_bytes, new_id
+
+if TYPE_CHECKING:
+    from engine.constrained.tools import ToolPlan
+    from engine.core.outputs import RequestOutput
+
+    from .context import AppContext
 
 log = logging.getLogger("llamatron.api")
 
@@ -30,7 +36,7 @@ def _usage(input_tokens: int, output_tokens: int, cached: int) -> dict[str, int]
             "cache_read_input_tokens": cached}
 
 
-def _stop_reason(out: Any, called: bool) -> tuple[str, str | None]:
+def _stop_reason(out: RequestOutput, called: bool) -> tuple[str, str | None]:
     if out.finish_reason == "error":
         raise APIError(500, f"Generation failed: {out.error}", code="generation_error")
     if out.finish_reason == "abort":
@@ -44,7 +50,8 @@ def _stop_reason(out: Any, called: bool) -> tuple[str, str | None]:
     return "end_turn", None
 
 
-async def message_events(ctx: Any, run: Run, tools: Any, msg_id: str) -> AsyncIterator[dict[str, Any]]:
+async def message_events(ctx: AppContext, run: Run, tools: ToolPlan | None,
+                         msg_id: str) -> AsyncIterator[dict[str, Any]]:
     """The Anthropic events of one run (a single job); `tools` is the chat plan's ToolPlan."""
     from engine.constrained.tool_parser import ContentDelta
 

@@ -7,11 +7,14 @@ what clients were served); queue and KV gauges are read from `engine.stats()` at
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from engine.core.engine import EngineStats
 
 disable_created_metrics()  # no *_created series: they double the output and no dashboard uses them
 
@@ -26,7 +29,7 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300
 class _EngineCollector(Collector):
     """Reads the engine's live numbers when Prometheus scrapes."""
 
-    def __init__(self, stats: Callable[[], Any]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
@@ -60,7 +63,7 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], Any] | None = None) -> None:
+    def __init__(self, engine_stats: Callable[[], EngineStats] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished requests", registry=r)

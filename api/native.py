@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -24,6 +24,9 @@ from .openai import respond
 from .plans import check_sizes, compile_grammar, decode_json, grammar_spec, message_chars, render_template
 from .runs import Job, Run, finite, read_body
 from .schemas import ApplyTemplateRequest, NativeCompletionRequest, parse_body
+
+if TYPE_CHECKING:
+    from engine.core.outputs import RequestOutput
 
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
 
@@ -79,7 +82,7 @@ def prompt_ids(ctx: AppContext, parts: list[str | int]) -> list[int]:
     return ids
 
 
-def _probs(ctx: AppContext, out: Any) -> list[dict[str, Any]]:
+def _probs(ctx: AppContext, out: RequestOutput) -> list[dict[str, Any]]:
     tok = ctx.engine.tokenizer
 
     def entry(tid: int, lp: float) -> dict[str, Any]:
@@ -90,7 +93,7 @@ def _probs(ctx: AppContext, out: Any) -> list[dict[str, Any]]:
             for tl in out.logprobs or []]
 
 
-def _timings(out: Any, n_prompt: int) -> dict[str, Any]:
+def _timings(out: RequestOutput, n_prompt: int) -> dict[str, Any]:
     m = out.metrics
     start = m.first_scheduled_time or m.arrival_time
     first, end = m.first_token_time or start, m.finished_time or m.first_token_time or start

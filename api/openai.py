@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -20,17 +20,24 @@ from .plans import CompletionPlan, prepare_chat
 from .runs import ClientGone, Run, SSEResponse, finite, read_body, until_disconnect
 from .schemas import ChatCompletionRequest
 
+if TYPE_CHECKING:
+    from engine.constrained.tool_parser import ToolCallParser
+    from engine.constrained.tools import ToolPlan
+    from engine.core.outputs import RequestOutput
+    from engine.text.reasoning import ReasoningTags
+    from engine.text.tokenizer import Tokenizer
+
 FINGERPRINT = "fp_llamatron"
 
 
 # ---- engine output -> OpenAI shapes --------------------------------------------------------------
 
-def _token_entry(tok: Any, tid: int, lp: float) -> dict[str, Any]:
+def _token_entry(tok: Tokenizer, tid: int, lp: float) -> dict[str, Any]:
     b = tok.token_bytes(tid)
     return {"token": b.decode("utf-8", "replace"), "logprob": finite(lp), "bytes": list(b)}
 
 
-def chat_logprobs(ctx: AppContext, out: Any, top: int) -> list[dict[str, Any]]:
+def chat_logprobs(ctx: AppContext, out: RequestOutput, top: int) -> list[dict[str, Any]]:
     tok, items = ctx.engine.tokenizer, []
     for tl in out.logprobs or []:
         if tl.token_id in ctx.eog_ids and out.finished and out.finish_reason == "stop" and out.stop_reason is None:
@@ -66,7 +73,7 @@ def usage(run: Run, prompt_tokens: int, completion_tokens: int | None = None) ->
             "prompt_tokens_details": {"cached_tokens": run.cached_tokens()}}
 
 
-def _finish(out: Any) -> str:
+def _finish(out: RequestOutput) -> str:
     if out.finish_reason == "error":
         raise APIError(500, f"Generation failed: {out.error}", code="generation_error")
     if out.finish_reason == "abort":
@@ -75,7 +82,8 @@ def _finish(out: Any) -> str:
 
 
 async def chat_events(ctx: AppContext, req: ChatCompletionRequest, run: Run, cid: str, created: int,
-                      include_usage: bool, plan: Any = None, reasoning: Any = None,
+                      include_usage: bool, plan: ToolPlan | None = None,
+                      reasoning: ReasoningTags | None = None,
                       reasoning_opened: bool = False) -> AsyncIterator[dict[str, Any]]:
     """`plan`: the ToolPlan (None: plain content); `reasoning`: ReasoningTags to split the output on
     (delta.reasoning_content; the tool-call parser sees only the content after the thinking)."""
@@ -88,7 +96,7 @@ async def chat_events(ctx: AppContext, req: ChatCompletionRequest, run: Run, cid
         return {**base, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
     top = req.top_logprobs or 0
-    parsers: dict[int, Any] = {}  # choice -> ToolCallParser (None: plain content)
+    parsers: dict[int, ToolCallParser | None] = {}  # choice -> its parser (None: plain content)
     thinking: dict[int, ReasoningParser] = {}
     reasoning_tokens = 0
     async for job, out in run.outputs():
@@ -228,7 +236,7 @@ async def completion_events(ctx: AppContext, plan: CompletionPlan, run: Run, cid
                 ptext, pids = prompts[i // req.n]
                 text = ptext
                 plp = out.prompt_logprobs or [None] * len(pids)
-                entries = list(zip(pids, plp))
+                entries = list(zip(pids, plp, strict=False))
         if not drop_generation:
             text += out.text
             if req.logprobs is not None:

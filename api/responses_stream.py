@@ -18,16 +18,22 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import APIError
 from .runs import NamedEventSSE, Run, new_id
+
+if TYPE_CHECKING:
+    from engine.constrained.tools import ToolPlan
+
+    from .context import AppContext
+    from .responses_request import ResponsesRequest
 
 log = logging.getLogger("llamatron.api")
 
 KEEPALIVE_S = 10.0  # an SSE comment when nothing else was sent for this long
 
-def echoed_settings(req: Any) -> dict[str, Any]:
+def echoed_settings(req: ResponsesRequest) -> dict[str, Any]:
     """The request settings a response object repeats (OpenAI's defaults where not given)."""
     tools = [{"type": "function", "name": t["name"], "description": t.get("description"),
               "parameters": t.get("parameters"), "strict": t.get("strict", True)} for t in req.tools or []]
@@ -51,7 +57,7 @@ def echoed_settings(req: Any) -> dict[str, Any]:
 class ResponseState:
     """The response object as it grows, and the events that grow it (numbered in order)."""
 
-    def __init__(self, ctx: Any, req: Any, run: Run) -> None:
+    def __init__(self, ctx: AppContext, req: ResponsesRequest, run: Run) -> None:
         self.run, self.seq = run, 0
         self.id, self.created = new_id("resp_", 32), int(time.time())
         self.model, self.settings = ctx.model_id, echoed_settings(req)
@@ -142,7 +148,8 @@ def _error(e: APIError) -> dict[str, Any]:
     return {"code": e.code or ("server_error" if e.status >= 500 else "invalid_request"), "message": e.message}
 
 
-async def response_events(ctx: Any, req: Any, run: Run, tools: Any) -> AsyncIterator[dict[str, Any]]:
+async def response_events(ctx: AppContext, req: ResponsesRequest, run: Run,
+                          tools: ToolPlan | None) -> AsyncIterator[dict[str, Any]]:
     """The Responses events of one run (a single job); `tools` is the chat plan's ToolPlan."""
     from engine.constrained.tool_parser import ContentDelta
 

@@ -29,6 +29,8 @@ from .errors import APIError, context_length_exceeded, invalid, overloaded
 
 if TYPE_CHECKING:
     from engine.core.async_engine import RequestStream
+    from engine.core.outputs import RequestOutput
+    from engine.core.sampling import SamplingParams
 
     from .context import AppContext
 
@@ -61,7 +63,7 @@ def engine_error(exc: BaseException, param: str) -> APIError:
 @dataclass
 class Job:
     prompt_ids: list[int]
-    params: Any  # SamplingParams
+    params: SamplingParams
     index: int  # choice index in the response
 
 
@@ -74,7 +76,7 @@ class ChoiceState:
     finish_reason: str | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
-    final: Any = None  # the last RequestOutput
+    final: RequestOutput | None = None  # the last RequestOutput
 
 
 @dataclass
@@ -118,7 +120,7 @@ class Run:
             raise engine_error(e, self.param) from None
         self._tasks = [asyncio.create_task(self._pump(k, s)) for k, s in enumerate(streams)]
 
-    def _account(self, k: int, out: Any) -> None:
+    def _account(self, k: int, out: RequestOutput) -> None:
         st, now = self.states[k], time.monotonic()
         n = len(out.token_ids)
         if n:

@@ -20,7 +20,14 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.types import ASGIApp
+
+    from engine.core.async_engine import AsyncEngine
 
 log = logging.getLogger("llamatron.server")
 MAX_CONNECTIONS = 4096  # beyond this uvicorn answers 503 instead of running out of file descriptors
@@ -200,7 +207,7 @@ def setup_logging(fmt: str, level: str) -> None:
         logging.getLogger(name).propagate = True
 
 
-def uvicorn_config(app: Any, settings: ServerSettings, **extra: Any) -> Any:
+def uvicorn_config(app: ASGIApp, settings: ServerSettings, **extra: Any) -> uvicorn.Config:
     import uvicorn
 
     from .protocol import timed_protocol
@@ -213,7 +220,7 @@ def uvicorn_config(app: Any, settings: ServerSettings, **extra: Any) -> Any:
                           timeout_graceful_shutdown=max(0, int(round(settings.grace_period))) + 5, **extra)
 
 
-def make_uvicorn_server(config: Any, app: Any, grace_s: float | None = None) -> Any:
+def make_uvicorn_server(config: uvicorn.Config, app: Starlette, grace_s: float | None = None) -> uvicorn.Server:
     """A uvicorn Server whose exit signal marks the app draining (new requests get 503) and, when
     `grace_s` is given, drains the engine: in-flight requests get grace_s seconds to finish, the rest
     are aborted so their streams end with a final error event before uvicorn closes connections."""
@@ -231,7 +238,7 @@ def make_uvicorn_server(config: Any, app: Any, grace_s: float | None = None) -> 
     return _Server(config)
 
 
-async def _announce(engine: Any, settings: ServerSettings, server: Any) -> bool:
+async def _announce(engine: AsyncEngine, settings: ServerSettings, server: uvicorn.Server) -> bool:
     """Prints the start-up line once the model is loaded; stops the server if loading failed."""
     while not engine.ready and engine.load_error is None:
         await asyncio.sleep(0.05)

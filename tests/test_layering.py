@@ -144,3 +144,17 @@ def test_the_checker_finds_a_cycle() -> None:
     graph = {"engine": set(), "engine.a": {"engine.b"}, "engine.b": {"engine.c"}, "engine.c": {"engine.a"},
              "engine.d": {"engine.a"}}
     assert cycles(graph, "engine") == [["engine.a", "engine.b", "engine.c"]]
+
+
+def test_api_layer_objects_are_typed() -> None:
+    """The objects api/ passes around for the layers (its context, the engine, the settings) carry
+    their real types, never `Any` or nothing (TYPE_CHECKING imports keep that cycle-free)."""
+    layer_params = {"ctx", "engine", "settings", "app_ctx"}
+    untyped = []
+    for path in sorted((ROOT / "api").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs:
+                    if a.arg in layer_params and (a.annotation is None or "Any" in ast.unparse(a.annotation)):
+                        untyped.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}({a.arg})")
+    assert untyped == []

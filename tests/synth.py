@@ -153,3 +153,22 @@ def write_tiny_model(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def load_tiny_model(folder: Path, weight_type: str = "Q8_0", max_model_len: int = 256):
+    """A tiny synthetic model written into `folder` and loaded on the CPU (engine tests)."""
+    from engine.config import EngineConfig
+    from engine.loading.loader import load_model
+
+    path = write_tiny_model(folder / "tiny.gguf", weight_type=weight_type)
+    return load_model(EngineConfig(model=str(path), device="cpu", max_model_len=max_model_len))
+
+
+def make_engine(loaded, num_blocks: int = 64, **kw):
+    """An LLMEngine on a loaded model (no CUDA graphs), `num_blocks` KV blocks, EngineConfig fields in kw."""
+    from engine.config import EngineConfig
+    from engine.core.engine import LLMEngine
+
+    kw.setdefault("max_model_len", 256)
+    return LLMEngine(EngineConfig(model=str(loaded.path), device="cpu", cuda_graphs=False, **kw), loaded,
+                     num_blocks=num_blocks)

@@ -12,11 +12,11 @@ import torch
 
 from engine.config import GGUF_POOLING, EngineConfig, ModelConfig
 from engine.core.async_engine import AsyncEngine
-from engine.core.engine import ContextLengthError, LLMEngine
+from engine.core.engine import ContextLengthError
 from engine.core.pooling import PoolingParams, normalize, pool_hidden
 from engine.core.sampling import SamplingParams
 from kernels import AttentionMetadata
-from tests.synth import SMOLLM2, write_tiny_model
+from tests.synth import SMOLLM2, load_tiny_model, make_engine
 
 pytestmark = pytest.mark.skipif(not SMOLLM2.exists(), reason="needs the smollm2 tokenizer metadata")
 
@@ -25,16 +25,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=10)
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    from engine.loading.loader import load_model
-
-    path = write_tiny_model(tmp_path_factory.mktemp("synth") / "tiny.gguf", weight_type="Q8_0")
-    return load_model(EngineConfig(model=str(path), device="cpu", max_model_len=256))
-
-
-def make_engine(loaded, num_blocks: int = 64, **kw) -> LLMEngine:
-    kw.setdefault("max_model_len", 256)
-    return LLMEngine(EngineConfig(model=str(loaded.path), device="cpu", cuda_graphs=False, **kw), loaded,
-                     num_blocks=num_blocks)
+    return load_tiny_model(tmp_path_factory.mktemp("synth"))
 
 
 def hidden_states(model, ids: list[int]) -> torch.Tensor:

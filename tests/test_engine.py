@@ -12,7 +12,7 @@ from engine.config import EngineConfig
 from engine.core.async_engine import AsyncEngine
 from engine.core.engine import ContextLengthError, LLMEngine
 from engine.core.sampling import SamplingParams
-from tests.synth import SMOLLM2, write_tiny_model
+from tests.synth import SMOLLM2, load_tiny_model, make_engine, write_tiny_model
 
 pytestmark = pytest.mark.skipif(not SMOLLM2.exists(), reason="needs the smollm2 tokenizer metadata")
 
@@ -21,16 +21,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    from engine.loading.loader import load_model
-
-    path = write_tiny_model(tmp_path_factory.mktemp("synth") / "tiny.gguf", weight_type="Q8_0")
-    return load_model(EngineConfig(model=str(path), device="cpu", max_model_len=256))
-
-
-def make_engine(loaded, num_blocks: int = 64, **kw) -> LLMEngine:
-    kw.setdefault("max_model_len", 256)
-    return LLMEngine(EngineConfig(model=str(loaded.path), device="cpu", cuda_graphs=False, **kw), loaded,
-                     num_blocks=num_blocks)
+    return load_tiny_model(tmp_path_factory.mktemp("synth"))
 
 
 def prompts(n: int, lo: int = 5, hi: int = 30, seed: int = 0, vocab: int = 40000) -> list[list[int]]:

@@ -200,27 +200,37 @@ async def _prepared(request: Request, oai: bool) -> tuple[AppContext, EmbeddingP
     return ctx, await ctx.offload.run(prepare_embeddings, ctx, await read_body(request, ctx), oai)
 
 
-async def embeddings_oai(request: Request) -> Response:
-    """POST /v1/embeddings in OpenAI's shape."""
-    ctx, plan = await _prepared(request, oai=True)
-    try:
-        vectors = await embed(request, ctx, plan)
-    except ClientGone:
-        return Response(status_code=499)
+def _oai_body(progress: Progress, ctx: AppContext, plan: EmbeddingPlan, vectors: list) -> bytes:
     fmt, n = plan.req.encoding_format, plan.prompt_tokens
     return JSONResponse({
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": _encode(v[0], fmt)} for i, v in enumerate(vectors)],
         "model": ctx.model_id,
         "usage": {"prompt_tokens": n, "total_tokens": n},
-    })
+    }).body
 
 
-async def embeddings_native(request: Request) -> Response:
-    """POST /embedding and /embeddings in llama-server's shape."""
-    ctx, plan = await _prepared(request, oai=False)
+def _native_body(progress: Progress, ctx: AppContext, plan: EmbeddingPlan, vectors: list) -> bytes:
+    return JSONResponse([{"index": i, "embedding": v} for i, v in enumerate(vectors)]).body
+
+
+async def _serve(request: Request, oai: bool) -> Response:
+    """Prepare, embed, then encode and render the answer off the event loop (up to 2048 vectors,
+    or a row per token with pooling none: megabytes of floats)."""
+    ctx, plan = await _prepared(request, oai)
     try:
         vectors = await embed(request, ctx, plan)
     except ClientGone:
         return Response(status_code=499)
-    return JSONResponse([{"index": i, "embedding": v} for i, v in enumerate(vectors)])
+    body = await ctx.offload.run(_oai_body if oai else _native_body, ctx, plan, vectors)
+    return Response(body, media_type="application/json")
+
+
+async def embeddings_oai(request: Request) -> Response:
+    """POST /v1/embeddings in OpenAI's shape."""
+    return await _serve(request, oai=True)
+
+
+async def embeddings_native(request: Request) -> Response:
+    """POST /embedding and /embeddings in llama-server's shape."""
+    return await _serve(request, oai=False)

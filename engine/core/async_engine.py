@@ -98,17 +98,12 @@ class AsyncEngine:
             kind = item[0]
             if kind == "stop":
                 return False
-            if kind == "add":
+            if kind in ("add", "embed"):  # a generation (SamplingParams) or an embedding (PoolingParams)
                 _, rid, ids, params, group = item
+                add = eng.add_request if kind == "add" else eng.add_embedding_request
                 try:
-                    eng.add_request(rid, ids, params, group)
-                except Exception as e:  # noqa: BLE001 - goes back to the caller of generate()
-                    self._send(rid, e)
-            elif kind == "embed":
-                _, rid, ids, pooling, group = item
-                try:
-                    eng.add_embedding_request(rid, ids, pooling, group)
-                except Exception as e:  # noqa: BLE001 - goes back to the caller of submit_embedding()
+                    add(rid, ids, params, group)
+                except Exception as e:  # noqa: BLE001 - goes back to the caller of generate()/submit_embedding()
                     self._send(rid, e)
             elif kind == "abort":
                 eng.abort_request(item[1])

@@ -32,9 +32,8 @@ from engine.text.fim import ExtraChunk, FimPrompt, FimTokens, FimUnsupported, fi
 
 from .context import AppContext
 from .errors import invalid
-from .native import NativePlan, fold_native, native_events, native_params
+from .native import NativePlan, native_events, native_params, respond_native
 from .offload import Progress
-from .openai import respond
 from .plans import (
     CompletionPlan,
     check_model,
@@ -217,10 +216,8 @@ async def infill(request: Request) -> Response:
     plan = await ctx.offload.run(prepare_infill, ctx, await read_body(request, ctx))
     req = plan.req
     run = Run(ctx, [Job(plan.ids, plan.params, 0)], param="input_prefix")
-    events = _finish_events(native_events(ctx, req, run, plan.prompt_text, plan.ids), plan)
-    if req.stream:  # as /completion: llama-server's native stream has no [DONE] marker
-        return await respond(request, run, events, True, None, done_marker=False)
-    return await respond(request, run, events, False, lambda ev: fold_native(ev, req.return_tokens))
+    return await respond_native(request, run, _finish_events(native_events(ctx, req, run, plan.prompt_text, plan.ids),
+                                                              plan), req)
 
 
 # ---- /v1/completions with suffix -----------------------------------------------------------------

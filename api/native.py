@@ -175,10 +175,13 @@ async def completion(request: Request) -> Response:
     plan = await ctx.offload.run(prepare_native, ctx, await read_body(request, ctx))
     req = plan.req
     run = Run(ctx, [Job(plan.ids, plan.params, 0)], param="prompt")
-    events = native_events(ctx, req, run, plan.prompt_text, plan.ids)
-    if req.stream:  # llama-server's native stream has no [DONE] marker
-        return await respond(request, run, events, True, None, done_marker=False)
-    return await respond(request, run, events, False, lambda ev: fold_native(ev, req.return_tokens))
+    return await respond_native(request, run, native_events(ctx, req, run, plan.prompt_text, plan.ids), req)
+
+
+async def respond_native(request: Request, run: Run, events: Any, req: Any) -> Response:
+    """Stream (llama-server's native stream has no [DONE] marker) or fold into /completion's shape."""
+    return await respond(request, run, events, req.stream, lambda ev: fold_native(ev, req.return_tokens),
+                         done_marker=False)
 
 
 def _apply_template(progress: Progress, ctx: AppContext, raw: bytearray) -> dict[str, Any]:

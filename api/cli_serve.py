@@ -14,11 +14,12 @@ from .server import ServerSettings, SettingsError, load_settings, run_server
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_pos", nargs="?", metavar="MODEL", default=None,
-                   help="registry name or path to a .gguf file (same as -m)")
+                   help="registry name or path to a .gguf file (same as -m); none: serve many models")
     p.add_argument("-m", "--model", default=None, help="registry name or path to a .gguf file")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port to listen on (default 8080)")
-    p.add_argument("-a", "--alias", default=None, help="model id reported to clients")
+    p.add_argument("-a", "--alias", default=None,
+                   help="model id reported to clients; a comma-separated list adds names it also answers to")
     p.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=None,
                    help="max tokens per sequence (0 = the model's, capped at 8192 on CPU)")
     p.add_argument("-np", "--parallel", type=int, default=None, help="sequences decoded together")
@@ -76,6 +77,39 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "auto (default) when the chat template or the vocabulary has the tags")
     p.add_argument("--reasoning-budget", dest="reasoning_budget", type=int, default=None, metavar="N",
                    help="thinking tokens before the end tag is forced (-1, the default: unlimited)")
+    p.add_argument("--gpu-memory-fraction", dest="gpu_memory_fraction", type=float, default=None,
+                   help="CUDA: share of the free memory after the weights for the KV cache (default 0.85)")
+    _add_sampling_args(p)
+    _add_router_args(p)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling defaults (for requests that leave the field out)")
+    g.add_argument("--temp", dest="temperature", type=float, default=None, help="temperature")
+    g.add_argument("--top-p", dest="top_p", type=float, default=None, help="nucleus sampling mass")
+    g.add_argument("--top-k", dest="top_k", type=int, default=None, help="top-k (0: off)")
+    g.add_argument("--min-p", dest="min_p", type=float, default=None, help="min-p")
+    g.add_argument("--repeat-penalty", dest="repeat_penalty", type=float, default=None, help="repetition penalty")
+
+
+def _add_router_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("many models (no MODEL, or --models-dir / --models-preset)")
+    g.add_argument("--models-dir", dest="models_dir", default=None, metavar="DIR",
+                   help="serve every .gguf in DIR (split files as one model, subfolders as one model each)")
+    g.add_argument("--models-preset", dest="models_preset", default=None, metavar="FILE",
+                   help="TOML file: aliases and per-model settings (context, slots, KV, template, sampling)")
+    g.add_argument("--models-max", dest="models_max", type=int, default=None, metavar="N",
+                   help="models resident at once (default 4, 0: no limit); the least recently used idle one unloads")
+    g.add_argument("--models-autoload", dest="models_autoload", action="store_const", const=True, default=None,
+                   help="load a model on its first request (the default)")
+    g.add_argument("--no-models-autoload", dest="models_autoload", action="store_const", const=False,
+                   help="requests for a model not loaded get 400 until POST /models/load")
+    g.add_argument("--sleep-idle-seconds", dest="sleep_idle_seconds", type=float, default=None, metavar="S",
+                   help="unload a model after S idle seconds (0, the default: never)")
+    g.add_argument("--models-wait", dest="models_wait_s", type=float, default=None, metavar="S",
+                   help="seconds a request waits for its model to load or for room to load it (503 after)")
+    g.add_argument("--models-load-timeout", dest="models_load_timeout_s", type=float, default=None, metavar="S",
+                   help="a model still loading after S seconds is stopped and marked failed")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:

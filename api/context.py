@@ -48,6 +48,7 @@ class AppContext:
         self.offload = Offloader(budget_s=settings.template_timeout_s + grammar.timeout_s + 2.0)
         self._grammar_limits = grammar
         self._limits: InputLimits | None = None
+        self._sampling_defaults = settings.sampling_defaults()
 
     @property
     def limits(self) -> InputLimits:
@@ -78,8 +79,12 @@ class AppContext:
     @property
     def model_names(self) -> set[str]:
         resolved = Path(str(self.engine.config.model))
-        return {self.model_id, self.settings.model, self.model_path.name, self.model_path.stem,
-                str(resolved), resolved.name, resolved.stem}
+        return {self.model_id, *self.settings.aliases, self.settings.model, self.model_path.name,
+                self.model_path.stem, str(resolved), resolved.name, resolved.stem}
+
+    @property
+    def sampling_defaults(self) -> dict[str, float | int]:
+        return self._sampling_defaults
 
     @property
     def vocab_size(self) -> int:

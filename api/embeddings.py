@@ -30,8 +30,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .errors import APIError, invalid
+from .json_body import decode_json
 from .offload import Progress
-from .plans import check_model, check_sizes, decode_json
+from .plans import check_model, check_sizes
 from .runs import ClientGone, engine_error, read_body, until_disconnect
 from .schemas import parse_body
 

@@ -19,11 +19,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .context import AppContext
+from .json_body import decode_json
 from .messages_schema import CountTokensRequest, MessagesRequest, to_chat
 from .messages_stream import MessagesSSE, fold_message, message_events, new_id
 from .offload import Progress
 from .openai import respond
-from .plans import ChatPlan, cap_to_context, count_prompt_tokens, decode_json, plan_chat
+from .plans import ChatPlan, cap_to_context, count_prompt_tokens, plan_chat
 from .runs import Run, read_body
 
 

@@ -19,9 +19,10 @@ from engine.core.sampling import SamplingParams
 
 from .context import AppContext
 from .errors import APIError, invalid
+from .json_body import decode_json
 from .offload import Progress
 from .openai import respond
-from .plans import check_sizes, compile_grammar, decode_json, grammar_spec, message_chars, render_template
+from .plans import check_sizes, compile_grammar, grammar_spec, message_chars, render_template
 from .runs import Job, Run, finite, read_body
 from .schemas import ApplyTemplateRequest, NativeCompletionRequest, parse_body
 
@@ -31,8 +32,15 @@ if TYPE_CHECKING:
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
 
 
+def with_server_defaults(ctx: AppContext, req: NativeCompletionRequest) -> NativeCompletionRequest:
+    """The server's sampling defaults (--temp, a model preset's) in place of llama-server's, for
+    the fields the request leaves out."""
+    d = {k: v for k, v in ctx.sampling_defaults.items() if k not in req.model_fields_set}
+    return req.model_copy(update=d) if d else req
+
+
 def generation_settings(ctx: AppContext, req: NativeCompletionRequest | None = None) -> dict[str, Any]:
-    r = req or NativeCompletionRequest.model_validate({"prompt": ""})
+    r = req or with_server_defaults(ctx, NativeCompletionRequest.model_validate({"prompt": ""}))
     n_predict = r.max_tokens if r.max_tokens is not None else r.n_predict
     return {
         "seed": RANDOM_SEED if r.seed in (-1, RANDOM_SEED) else r.seed, "temperature": r.temperature,
@@ -52,6 +60,7 @@ def native_params(ctx: AppContext, req: NativeCompletionRequest) -> SamplingPara
     n_predict = req.max_tokens if req.max_tokens is not None else req.n_predict
     if n_predict == 0:
         raise invalid("n_predict must be -1 (unlimited) or at least 1", "n_predict")
+    req = with_server_defaults(ctx, req)
     top_p = req.top_p
     temperature = req.temperature if top_p > 0 else 0.0
     try:
@@ -127,7 +136,7 @@ async def native_events(ctx: AppContext, req: NativeCompletionRequest, run: Run,
                 "word" if isinstance(out.stop_reason, str) else "eos")
             yield {"index": 0, "content": "", "tokens": [], "id_slot": -1, "stop": True, "model": ctx.model_id,
                    "tokens_predicted": predicted, "tokens_evaluated": len(ids),
-                   "generation_settings": generation_settings(ctx, req), "prompt": prompt_text,
+                   "generation_settings": generation_settings(ctx, with_server_defaults(ctx, req)), "prompt": prompt_text,
                    "has_new_line": "\n" in "".join(text_all), "truncated": False, "stop_type": stop_type,
                    "stopping_word": out.stop_reason if isinstance(out.stop_reason, str) else "",
                    "tokens_cached": len(ids) + predicted, "timings": _timings(out, len(ids))}

@@ -20,6 +20,7 @@ from engine.constrained.grammars import GrammarError, GrammarSpec
 from engine.core.sampling import SamplingParams
 
 from .errors import APIError, invalid
+from .json_body import decode_json
 from .offload import Progress
 from .runs import Job
 from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, parse_body
@@ -33,19 +34,6 @@ if TYPE_CHECKING:
     from .context import AppContext
 
 SEED_MOD = 2**63
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def decode_json(raw: bytes | bytearray) -> Any:
-    if not raw or raw.isspace():
-        raise invalid("The request body is empty; expected a JSON object.")
-    try:
-        return json.loads(raw, parse_constant=_no_constants)
-    except (ValueError, RecursionError) as e:
-        raise invalid(f"The request body is not valid JSON: {e}") from None
 
 
 def check_model(ctx: AppContext, model: str | None) -> None:
@@ -93,18 +81,21 @@ def sampling_params(ctx: AppContext, req: SamplingFields, *, max_tokens: int | N
     for tid in req.logit_bias:
         if tid >= vocab:
             raise invalid(f"logit_bias token id {tid} is outside the vocabulary (size {vocab})", "logit_bias")
-    temperature = 1.0 if req.temperature is None else req.temperature
-    top_p = 1.0 if req.top_p is None else req.top_p
+    d = ctx.sampling_defaults  # the server's (or model preset's) defaults for fields left out
+    temperature = d.get("temperature", 1.0) if req.temperature is None else req.temperature
+    top_p = d.get("top_p", 1.0) if req.top_p is None else req.top_p
     if top_p == 0.0:  # only the most likely token survives: that is greedy decoding
         temperature, top_p = 0.0, 1.0
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise invalid("min_tokens must not exceed max_tokens", "min_tokens")
-    rp = req.repeat_penalty if req.repeat_penalty is not None else (req.repetition_penalty or 1.0)
-    top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
+    rp = req.repeat_penalty if req.repeat_penalty is not None else (req.repetition_penalty or d.get("repeat_penalty", 1.0))
+    top_k = req.top_k if req.top_k is not None else d.get("top_k", 0)
+    top_k = top_k if top_k > 0 else 0
+    min_p = req.min_p if req.min_p is not None else d.get("min_p", 0.0)
     try:
         return SamplingParams(
             max_tokens=max_tokens, min_tokens=req.min_tokens, temperature=temperature, top_k=min(top_k, vocab),
-            top_p=top_p, min_p=req.min_p or 0.0, repetition_penalty=rp, presence_penalty=req.presence_penalty,
+            top_p=top_p, min_p=min_p, repetition_penalty=rp, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, logit_bias=dict(req.logit_bias),
             seed=None if seed is None else seed % SEED_MOD, stop=list(req.stop), ignore_eos=req.ignore_eos,
             include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,

@@ -23,9 +23,10 @@ from starlette.responses import JSONResponse, Response
 
 from .context import AppContext
 from .errors import APIError, from_validation_error, invalid
+from .json_body import decode_json
 from .offload import Progress
 from .openai import respond
-from .plans import ChatPlan, cap_to_context, count_prompt_tokens, decode_json, plan_chat
+from .plans import ChatPlan, cap_to_context, count_prompt_tokens, plan_chat
 from .responses_request import InputTokensRequest, ResponsesRequest, rename_param, to_chat
 from .responses_stream import ResponsesSSE, fold_response, response_events
 from .runs import Run, read_body

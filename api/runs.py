@@ -199,23 +199,26 @@ async def read_body(request: Request, ctx: AppContext) -> bytearray:
     is JSON: the content types a web page may send cross-site without a CORS preflight
     (text/plain, forms) never reach a handler. 413 past the size limit, checked while reading;
     408 when the body does not arrive within the body timeout (a slow client holds no slot)."""
+    return await read_json_body(request, ctx.body_limit, ctx.settings.body_timeout_s)
+
+
+async def read_json_body(request: Request, limit: int, timeout_s: float) -> bytearray:
     kind = request.headers.get("content-type", "")
     if not _is_json(kind):
         raise APIError(415, f"Content-Type must be application/json, not {kind or 'missing'!r}.",
                        code="unsupported_media_type")
-    limit = ctx.body_limit
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
     body = bytearray()  # grown chunk by chunk: one join of a large body would block the loop
     try:
-        async with asyncio.timeout(ctx.settings.body_timeout_s):
+        async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > limit:
                     raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
     except TimeoutError:
-        raise APIError(408, f"The request body did not arrive within {ctx.settings.body_timeout_s:g} s.",
+        raise APIError(408, f"The request body did not arrive within {timeout_s:g} s.",
                        code="request_timeout", headers={"Connection": "close"}) from None
     return body
 

@@ -35,7 +35,7 @@ MAX_CONNECTIONS = 4096  # beyond this uvicorn answers 503 instead of running out
 
 @dataclass
 class ServerSettings:
-    model: str = "smollm2-135m-instruct"
+    model: str = ""  # empty (and no --models-dir/--models-preset): the many-model router over pulled models
     host: str = "127.0.0.1"
     port: int = 8080
     alias: str = ""
@@ -69,13 +69,44 @@ class ServerSettings:
     no_webui: bool = False
     reasoning_format: str = "auto"  # auto | none | deepseek: split <think>...</think> into reasoning_content
     reasoning_budget: int = -1  # thinking tokens before the end tag is forced; -1: unlimited
+    gpu_memory_fraction: float = 0.85  # CUDA: share of the free memory after the weights for the KV pool
+    # sampling defaults for requests that leave a field out (-1: the API's own default)
+    temperature: float = -1.0
+    top_p: float = -1.0
+    top_k: int = -1
+    min_p: float = -1.0
+    repeat_penalty: float = -1.0
+    # many models (api/router/): serve every model of a folder, the pulled registry models and a presets file
+    models_dir: str = ""
+    models_preset: str = ""
+    models_max: int = 4  # models resident at once (0: no limit); the least recently used idle one is unloaded
+    models_autoload: bool = True  # load a model on its first request (off: 400 until POST /models/load)
+    sleep_idle_seconds: float = 0.0  # unload a model idle this long (0: never)
+    models_wait_s: float = 300.0  # how long a request waits for its model to load or for room to load it
+    models_load_timeout_s: float = 900.0  # a model not serving after this long is stopped and marked failed
 
     def model_id(self) -> str:
-        """The id clients see: the alias, else the registry name or the file's stem."""
-        if self.alias:
-            return self.alias
+        """The id clients see: the (first) alias, else the registry name or the file's stem."""
+        if self.aliases:
+            return self.aliases[0]
         p = Path(self.model)
         return p.stem if p.suffix == ".gguf" else self.model
+
+    @property
+    def aliases(self) -> list[str]:
+        """`--alias a,b`: every name the model answers to; the first is its id (llama-server's spelling)."""
+        return [a.strip() for a in self.alias.split(",") if a.strip()]
+
+    @property
+    def router_mode(self) -> bool:
+        """No single model to serve, or a folder/presets of them: the many-model router."""
+        return not self.model or bool(self.models_dir or self.models_preset)
+
+    def sampling_defaults(self) -> dict[str, float | int]:
+        """The sampling fields this server fills in for requests that omit them."""
+        values = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                  "repeat_penalty": self.repeat_penalty}
+        return {k: v for k, v in values.items() if v >= 0}
 
     def engine_config(self) -> Any:
         from engine.config import EngineConfig
@@ -84,7 +115,8 @@ class ServerSettings:
                             max_num_seqs=self.parallel, max_num_batched_tokens=self.max_batched_tokens,
                             long_prefill_tokens=self.long_prefill_tokens,
                             kv_cache_gib=self.kv_cache_gib, chat_template=self.chat_template or None,
-                            cpu_weights=self.cpu_weights, threads=self.threads, pooling=self.pooling)
+                            cpu_weights=self.cpu_weights, threads=self.threads, pooling=self.pooling,
+                            gpu_memory_fraction=self.gpu_memory_fraction)
 
 
 class SettingsError(ValueError):
@@ -130,6 +162,14 @@ def _coerce(name: str, value: Any, from_text: bool) -> Any:
         raise SettingsError(f"setting {name!r}: expected {kind}, got {value!r}") from None
 
 
+def coerce_setting(name: str, value: Any, from_text: bool, source: str) -> Any:
+    """One setting's value checked and converted to its field's type (SettingsError naming `source`)."""
+    try:
+        return _coerce(name, value, from_text)
+    except SettingsError as e:
+        raise SettingsError(f"{source}: {e}") from None
+
+
 def _apply(values: dict[str, Any], layer: dict[str, Any], source: str, from_text: bool = False) -> None:
     for key, value in layer.items():
         name = key.replace("-", "_")
@@ -169,6 +209,12 @@ def load_settings(cli: dict[str, Any] | None = None, config_file: str | None = N
     _apply(values, env_layer, "environment", from_text=True)
     _apply(values, {k: v for k, v in (cli or {}).items() if v is not None}, "command line")
     s = ServerSettings(**values)
+    validate_settings(s)
+    return s
+
+
+def validate_settings(s: ServerSettings) -> None:
+    """The checks every settings object passes, the router's per-model ones included."""
     if s.device not in ("auto", "cpu", "cuda"):
         raise SettingsError(f"device must be auto, cpu or cuda, not {s.device!r}")
     if s.cpu_weights not in ("auto", "exact"):
@@ -183,7 +229,23 @@ def load_settings(cli: dict[str, Any] | None = None, config_file: str | None = N
         raise SettingsError(f"log_format must be text or json, not {s.log_format!r}")
     if not 0 < s.port < 65536:
         raise SettingsError(f"port {s.port} is out of range")
-    return s
+    _check_numbers(s)
+
+
+def _check_numbers(s: ServerSettings) -> None:
+    if not 0.0 < s.gpu_memory_fraction <= 1.0:
+        raise SettingsError(f"gpu_memory_fraction must be in (0, 1], not {s.gpu_memory_fraction}")
+    for name, hi in (("temperature", 2.0), ("top_p", 1.0), ("min_p", 1.0), ("repeat_penalty", 10.0)):
+        v = getattr(s, name)
+        if v != -1.0 and not 0.0 <= v <= hi:
+            raise SettingsError(f"{name} must be in [0, {hi:g}] (or -1: the API's default), not {v}")
+    if s.top_k < -1:
+        raise SettingsError(f"top_k must be >= 0 (or -1: the API's default), not {s.top_k}")
+    if s.models_max < 0:
+        raise SettingsError(f"models_max must be >= 0 (0: no limit), not {s.models_max}")
+    for name in ("sleep_idle_seconds", "models_wait_s", "models_load_timeout_s"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{name} must be >= 0, not {getattr(s, name)}")
 
 
 class _JSONFormatter(logging.Formatter):
@@ -301,7 +363,14 @@ def run_server(settings: ServerSettings) -> int:
     # place that re-raise is harmless and the process exits 0 instead of dying by the signal.
     saved = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return asyncio.run(serve_async(settings, sock))
+        if not settings.router_mode:
+            return asyncio.run(serve_async(settings, sock))
+        from .router.app import serve_router
+
+        return asyncio.run(serve_router(settings, sock))
+    except SettingsError as e:  # a bad presets file or models folder, found before anything loads
+        print(f"llamatron serve: {e}", file=sys.stderr)
+        return 2
     finally:
         for s, h in saved.items():
             signal.signal(s, h)

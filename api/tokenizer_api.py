@@ -18,8 +18,9 @@ from starlette.responses import JSONResponse, Response
 
 from .context import AppContext
 from .errors import invalid
+from .json_body import decode_json
 from .offload import Progress
-from .plans import chat_prompt, check_sizes, decode_json, message_chars
+from .plans import chat_prompt, check_sizes, message_chars
 from .runs import read_body
 from .schemas import DetokenizeRequest, TokenizeRequest, parse_body
 

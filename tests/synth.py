@@ -102,14 +102,17 @@ def write_tiny_model(
     seed: int = 0,
     tokenizer_source: Path = SMOLLM2,
     vocab_size: int | None = None,
+    split_max_tensors: int = 0,
 ) -> Path:
-    """Writes the model and returns its path. Sizes must suit the quant type (32 or 256 per row)."""
+    """Writes the model and returns its path. Sizes must suit the quant type (32 or 256 per row).
+    `split_max_tensors`: cut it as llama.cpp's gguf-split does (`<stem>-00001-of-0000N.gguf`, ...,
+    the first part's path returned)."""
     path = Path(path)
     rng = np.random.default_rng(seed)
     tok = tokenizer_metadata(tokenizer_source, vocab_size)
     vocab = len(tok["tokenizer.ggml.tokens"])
     head_dim = hidden // n_heads
-    w = GGUFWriter(str(path), arch)
+    w = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_string("general.name", f"tiny-{arch}-{weight_type.lower()}")
     for key, val in {
         "context_length": context, "embedding_length": hidden, "block_count": n_layers,
@@ -152,7 +155,7 @@ def write_tiny_model(
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    return w.format_shard_names(path)[0] if split_max_tensors else path
 
 
 def load_tiny_model(folder: Path, weight_type: str = "Q8_0", max_model_len: int = 256):

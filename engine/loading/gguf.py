@@ -4,18 +4,25 @@ memory-mapped view of the tensor data.
 `gguf.GGUFReader` parses every array eagerly (about 2 s for a 50k vocabulary, 6 s for 150k);
 reading the key/value section ourselves takes a few tens of milliseconds, which matters for a
 server's start-up. Tensor bytes are never copied here: each `QuantTensor` views the mmap.
+
+A model split by llama.cpp's gguf-split (`name-00001-of-00003.gguf`, ...) is one GGUFFile: the
+first file holds the metadata and `split.count`, every file its own tensor infos and data section.
+Reading headers needs no torch (the model router lists models without importing it).
 """
 
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 
@@ -78,7 +85,7 @@ class QuantTensor:
     def nbytes(self) -> int:
         return self.data.numel()
 
-    def to(self, device: torch.device | str) -> "QuantTensor":
+    def to(self, device: "torch.device | str") -> "QuantTensor":
         return QuantTensor(self.name, self.ggml_type, self.shape, self.data.to(device))
 
 
@@ -88,6 +95,7 @@ class TensorInfo:
     shape: tuple[int, ...]  # torch order (slowest first)
     ggml_type: int
     offset: int  # relative to the data section
+    shard: int = 0  # which file of a split model holds it
 
 
 class _Reader:
@@ -146,7 +154,12 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo], int]:
         if f.read(4) != GGUF_MAGIC:
             raise GGUFError(f"{path}: not a GGUF file (bad magic)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _parse_header(path, mm)
+            try:
+                return _parse_header(path, mm)
+            except GGUFError as e:
+                raise GGUFError(f"{path.name}: {e}" if path.name not in str(e) else str(e)) from None
+            except (struct.error, ValueError, OverflowError, MemoryError) as e:  # cut short or garbled
+                raise GGUFError(f"{path.name}: truncated or corrupt GGUF header ({e})") from None
 
 
 def _parse_header(path: Path, buf: Any) -> tuple[dict[str, Any], list[TensorInfo], int]:
@@ -176,16 +189,71 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return _read_header(Path(path))[0]
 
 
+def tensor_nbytes(info: TensorInfo) -> int:
+    _, block, bsize = GGML_TYPES[info.ggml_type]
+    return int(np.prod(info.shape, dtype=np.int64)) // block * bsize
+
+
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_paths(first: Path, count: int) -> list[Path]:
+    """The files of a model gguf-split cut into `count` parts, named after its first part."""
+    m = SPLIT_NAME.match(first.name)
+    if m is None or int(m["no"]) != 1 or int(m["count"]) != count:
+        raise GGUFError(f"{first.name}: split.count is {count}, but the name is not <name>-00001-of-{count:05d}.gguf")
+    return [first.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+@dataclass
+class _Shard:
+    path: Path
+    data_start: int
+    mm: mmap.mmap | None = None
+
+
 class GGUFFile:
-    """An opened GGUF file: metadata, tensor infos, and lazily mapped tensors."""
+    """An opened GGUF file (or the parts of a split one): metadata, tensor infos, and lazily
+    mapped tensors."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise GGUFError(f"model file not found: {self.path}")
-        self.metadata, infos, self._data_start = _read_header(self.path)
+        self.metadata, infos, data_start = _read_header(self.path)
+        self._shards = [_Shard(self.path, data_start)]
+        count = int(self.metadata.get("split.count", 1) or 1)
+        for i, part in enumerate(split_paths(self.path, count)[1:] if count > 1 else [], start=1):
+            if not part.is_file():
+                raise GGUFError(f"{self.path.name}: part {i + 1} of {count} is missing ({part.name})")
+            meta, more, start = _read_header(part)
+            if int(meta.get("split.no", -1)) != i:
+                raise GGUFError(f"{part.name}: split.no is {meta.get('split.no')}, expected {i}")
+            self._shards.append(_Shard(part, start))
+            infos += [TensorInfo(t.name, t.shape, t.ggml_type, t.offset, i) for t in more]
         self.tensors: dict[str, TensorInfo] = {t.name: t for t in infos}
-        self._mm: mmap.mmap | None = None
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """A truncated download fails here, naming the file, rather than deep inside a weight read."""
+        ends = [0] * len(self._shards)
+        for t in self.tensors.values():
+            if t.ggml_type in GGML_TYPES:
+                ends[t.shard] = max(ends[t.shard], t.offset + tensor_nbytes(t))
+        for shard, end in zip(self._shards, ends):
+            size = shard.path.stat().st_size
+            if shard.data_start + end > size:
+                raise GGUFError(f"{shard.path.name}: truncated: the tensors need {shard.data_start + end} bytes, "
+                                f"the file has {size}")
+
+    @property
+    def paths(self) -> list[Path]:
+        return [s.path for s in self._shards]
+
+    @property
+    def _mm(self) -> mmap.mmap | None:
+        """The first file's map: None until a weight is read."""
+        return self._shards[0].mm
 
     def check_types(self) -> None:
         """Fail before any weight is read if a tensor uses a type we cannot run."""
@@ -202,16 +270,22 @@ class GGUFFile:
         backends that copied or repacked the weights never read them again, yet every page read
         while loading would otherwise stay counted in RSS (the whole file). Views still in use
         (an embedding looked up from the file) simply fault their pages back in on access."""
-        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self._mm.madvise(mmap.MADV_DONTNEED)
+        for shard in self._shards:
+            if shard.mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+                shard.mm.madvise(mmap.MADV_DONTNEED)
 
-    def _buffer(self) -> mmap.mmap:
-        if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mm
+    def _buffer(self, shard: int) -> mmap.mmap:
+        s = self._shards[shard]
+        if s.mm is None:
+            with open(s.path, "rb") as f:
+                s.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return s.mm
 
     def tensor(self, name: str) -> QuantTensor:
+        import warnings
+
+        import torch
+
         info = self.tensors[name]
         tname, block, bsize = GGML_TYPES[info.ggml_type]
         cols = info.shape[-1]
@@ -219,12 +293,9 @@ class GGUFFile:
         if cols % block:
             raise GGUFError(f"tensor {name}: row length {cols} is not a multiple of the {tname} block {block}")
         row_bytes = cols // block * bsize
-        start = self._data_start + info.offset
-        arr = np.frombuffer(self._buffer(), dtype=np.uint8, count=rows * row_bytes, offset=start)
-        # torch warns on read-only buffers; the tensor is never written.
-        import warnings
-
-        with warnings.catch_warnings():
+        start = self._shards[info.shard].data_start + info.offset
+        arr = np.frombuffer(self._buffer(info.shard), dtype=np.uint8, count=rows * row_bytes, offset=start)
+        with warnings.catch_warnings():  # torch warns on read-only buffers; the tensor is never written
             warnings.simplefilter("ignore")
             data = torch.from_numpy(arr).view(rows, row_bytes)
         return QuantTensor(name, info.ggml_type, info.shape, data)

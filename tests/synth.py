@@ -108,6 +108,7 @@ def write_tiny_model(
     `split_max_tensors`: cut it as llama.cpp's gguf-split does (`<stem>-00001-of-0000N.gguf`, ...,
     the first part's path returned)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     tok = tokenizer_metadata(tokenizer_source, vocab_size)
     vocab = len(tok["tokenizer.ggml.tokens"])

@@ -50,7 +50,7 @@ def load_registry() -> tuple[str, dict[str, ModelEntry]]:
     with open(config_dir() / "models.toml", "rb") as f:
         data = tomllib.load(f)
     entries = {name: ModelEntry(name=name, **spec) for name, spec in data.get("models", {}).items()}
-    return data.get("default", next(iter(entries))), entries
+    return data.get("default") or next(iter(entries), ""), entries
 
 
 def entry(name: str) -> ModelEntry:

@@ -20,17 +20,6 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_models(args: argparse.Namespace) -> int:
-    from engine.loading.registry import is_present, load_registry, model_path
-
-    default, entries = load_registry()
-    print(f"{'name':32} {'size':>10}  {'present':8} path")
-    for name, e in entries.items():
-        mark = " (default)" if name == default else ""
-        print(f"{name:32} {e.size / 1e6:8.1f}MB  {'yes' if is_present(e) else 'no':8} {model_path(e)}{mark}")
-    return 0
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.core.engine import LLMEngine
@@ -97,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-q", "--quiet", action="store_true")
     pl.set_defaults(func=_cmd_pull)
 
-    m = sub.add_parser("models", help="list registry models and whether each is present")
-    m.set_defaults(func=_cmd_models)
+    from api.cli_models import add_models_args, models_main
+
+    m = sub.add_parser("models", help="the models a server would serve (or, with --base-url, serves and holds)")
+    add_models_args(m)
+    m.set_defaults(func=models_main)
 
     lt = sub.add_parser("loadtest", help="load-test any OpenAI-compatible server (llamatron_tools/loadtest.py)",
                         add_help=False)

@@ -187,3 +187,25 @@ def test_a_worker_that_dies_is_failed_then_reloaded(router) -> None:
     card = router.wait_status("gemma3", "failed", timeout=30)
     assert "signal 9" in card["status"]["error"]
     assert _complete(client, "gemma3", COMPLETIONS[0]) == first  # the next request loads it again
+
+
+def test_cli_models_offline_and_against_the_router(router, folder) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from router_fixture import ROOT, empty_registry_config
+
+    def run(*args: str) -> list[dict]:
+        env = {**os.environ, "LLAMATRON_CONFIG_DIR": str(empty_registry_config())}
+        out = subprocess.run([sys.executable, "-m", "api.cli", "models", "--json", *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, check=True, timeout=120).stdout
+        return {r["id"]: r for r in json.loads(out)}
+
+    offline = run("--models-dir", str(folder))
+    assert set(offline) == {"smollm2", "gemma3", "broken"} and offline["broken"]["status"] == "failed"
+    assert offline["gemma3"]["ftype"] == "Q4_K_M" and offline["smollm2"]["n_ctx_train"] == 8192
+    live = run("--base-url", router.base_url)
+    assert live["smollm2"]["status"] == "loaded" and live["smollm2"]["memory"] > 0
+    assert live["broken"]["status"] == "failed" and "truncated" in live["broken"]["error"]

@@ -209,3 +209,20 @@ def test_cli_models_offline_and_against_the_router(router, folder) -> None:
     live = run("--base-url", router.base_url)
     assert live["smollm2"]["status"] == "loaded" and live["smollm2"]["memory"] > 0
     assert live["broken"]["status"] == "failed" and "truncated" in live["broken"]["error"]
+
+
+@pytest.mark.big
+def test_the_three_shipped_models_from_one_folder(tmp_path, smollm2_path, gemma3_path, qwen_path) -> None:
+    """All three models resident behind one port, each answering as it does alone."""
+    folder = model_folder(tmp_path / "three", {"smollm2": smollm2_path, "gemma3": gemma3_path, "qwen": qwen_path})
+    calls = [("qwen", _chat, "Write a Python function that adds two numbers."), ("smollm2", _chat, PROMPTS[0]),
+             ("gemma3", _complete, COMPLETIONS[0]), ("qwen", _complete, COMPLETIONS[2])]
+    with router_process(folder, "--models-max", "3") as r:
+        client = openai.OpenAI(base_url=r.base_url + "/v1", api_key="x", timeout=600)
+        with ThreadPoolExecutor(len(calls)) as pool:
+            got = list(pool.map(lambda c: c[1](client, c[0], c[2]), calls))
+        assert {m: c["status"]["value"] for m, c in r.models().items()} == dict.fromkeys(
+            ("smollm2", "gemma3", "qwen"), "loaded")
+    names = {"qwen": "qwen2.5-coder-0.5b-instruct", "smollm2": "smollm2-135m-instruct", "gemma3": "gemma-3-270m"}
+    for (m, fn, p), answer in zip(calls, got):
+        assert answer == _alone(names[m], m, [(fn, p)])[0], (m, p)

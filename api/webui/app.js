@@ -262,7 +262,11 @@ function renderModels() {
   const c = conv();
   sel.replaceChildren();
   const ids = state.models.map((m) => m.id);
-  for (const id of ids) sel.append(new Option(id, id));
+  // many models: say which are not resident yet (they load on the first message) or failed
+  for (const m of state.models) {
+    const st = m.status && m.status.value;
+    sel.append(new Option(st && st !== 'loaded' ? `${m.id} (${st})` : m.id, m.id));
+  }
   if (c.settings.model && !ids.includes(c.settings.model)) sel.append(new Option(`${c.settings.model} (not served)`, c.settings.model));
   if (!sel.options.length) sel.append(new Option('(no model)', ''));
   sel.value = c.settings.model || ids[0] || '';

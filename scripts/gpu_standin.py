@@ -75,7 +75,7 @@ def build(head: Path, size: int, dest: Path, fill: str, seed: int) -> str:
         with open(tmp, "r+b") as f:
             for info in g.tensors.values():
                 data = scaled_blocks(info.ggml_type, tuple(info.shape), info.name, seed).numpy()
-                f.seek(g._data_start + info.offset)
+                f.seek(g.file_offset(info.name)[1])
                 f.write(data.tobytes())
                 n += 1
         del g

@@ -250,6 +250,12 @@ class GGUFFile:
     def paths(self) -> list[Path]:
         return [s.path for s in self._shards]
 
+    def file_offset(self, name: str) -> tuple[Path, int]:
+        """Which file holds tensor `name`'s data, and at which byte."""
+        info = self.tensors[name]
+        shard = self._shards[info.shard]
+        return shard.path, shard.data_start + info.offset
+
     @property
     def _mm(self) -> mmap.mmap | None:
         """The first file's map: None until a weight is read."""

@@ -11,19 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import infill, messages, native, openai, responses, tokenizer_api
-from .auth import APIKeyMiddleware, load_keys
 from .context import AppContext
 from .embeddings import embeddings_native, embeddings_oai
-from .errors import EXCEPTION_HANDLERS, APIError, CatchAllMiddleware, loading
-from .messages_errors import AnthropicErrors
+from .errors import EXCEPTION_HANDLERS, APIError, loading
 from .metrics import CONTENT_TYPE
+from .middleware import edge_middleware
 from .webui import is_webui_path, webui_routes
 
 if TYPE_CHECKING:
@@ -117,18 +115,7 @@ ROUTES = [
 
 def create_app(engine: AsyncEngine, settings: ServerSettings) -> Starlette:
     ctx = AppContext(engine, settings)
-    middleware = [Middleware(AnthropicErrors), Middleware(CatchAllMiddleware)]  # outermost: reshapes every error
-    if settings.cors_origin:
-        # outermost, so preflight OPTIONS is answered before the key check
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origin),
-                                     allow_methods=["GET", "POST", "OPTIONS"],
-                                     allow_headers=["Authorization", "Content-Type", "X-Api-Key",
-                                                    "Anthropic-Version", "Anthropic-Beta"],
-                                     expose_headers=["Retry-After"], max_age=600))
-    keys = load_keys(settings.api_key, settings.api_key_file or None)
-    ctx.auth_required = bool(keys)
-    if keys:
-        middleware.append(Middleware(APIKeyMiddleware, keys=keys))
+    middleware, ctx.auth_required = edge_middleware(settings)
     middleware.append(Middleware(_ReadyGate, ctx=ctx))
     routes = ROUTES + ([] if settings.no_webui else webui_routes())  # the chat page at /, api/webui/
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)

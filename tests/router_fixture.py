@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
+from serve_process import spawn, wait_banner
 from server_fixture import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,11 +102,6 @@ def empty_registry_config() -> Path:
     return d
 
 
-def _reader(stream: Any, q: queue.Queue) -> None:
-    for line in iter(stream.readline, ""):
-        q.put(line)
-
-
 @contextmanager
 def router_process(models_dir: Path | None, *flags: str, timeout: float = 120) -> Iterator[RouterProcess]:
     port = free_port()
@@ -116,16 +110,9 @@ def router_process(models_dir: Path | None, *flags: str, timeout: float = 120) -
         cmd += ["--models-dir", str(models_dir)]
     cfg = empty_registry_config()
     env = {**os.environ, "LLAMATRON_CONFIG_DIR": str(cfg), "LLAMATRON_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    proc, lines = spawn(cmd, env)
     try:
-        banner, deadline = "", time.monotonic() + timeout
-        while "listening on" not in banner:
-            try:
-                banner = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
-            except queue.Empty:
-                pytest.fail(f"the router printed no start-up line (exit code {proc.poll()})")
+        wait_banner(proc, lines, timeout)
         yield RouterProcess(proc, f"http://127.0.0.1:{port}", lines)
     finally:
         if proc.poll() is None:

@@ -12,12 +12,9 @@ import socket
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 
-from ..auth import APIKeyMiddleware, load_keys
-from ..errors import EXCEPTION_HANDLERS, CatchAllMiddleware
-from ..messages_errors import AnthropicErrors
+from ..errors import EXCEPTION_HANDLERS
+from ..middleware import edge_middleware
 from ..server import ServerSettings, SettingsError, uvicorn_config
 from ..webui import webui_routes
 from .catalog import ModelSpec, build_catalog
@@ -31,16 +28,7 @@ log = logging.getLogger("llamatron.router")
 
 def create_router_app(ctx: RouterContext) -> Starlette:
     s = ctx.settings
-    middleware = [Middleware(AnthropicErrors), Middleware(CatchAllMiddleware)]
-    if s.cors_origin:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(s.cors_origin),
-                                     allow_methods=["GET", "POST", "OPTIONS"],
-                                     allow_headers=["Authorization", "Content-Type", "X-Api-Key",
-                                                    "Anthropic-Version", "Anthropic-Beta"],
-                                     expose_headers=["Retry-After"], max_age=600))
-    keys = load_keys(s.api_key, s.api_key_file or None)
-    if keys:
-        middleware.append(Middleware(APIKeyMiddleware, keys=keys))
+    middleware, _ = edge_middleware(s)
     routes = ROUTES + ([] if s.no_webui else webui_routes())
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
     app.state.router = ctx

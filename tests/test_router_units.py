@@ -194,3 +194,15 @@ def test_server_sampling_defaults_apply_to_requests_that_leave_them_out() -> Non
         assert a["choices"][0]["message"] == b["choices"][0]["message"]
     finally:
         srv.stop()
+
+
+def test_file_names_route_only_where_they_are_unambiguous(tmp_path) -> None:
+    from api.router.catalog import ModelSpec
+    from api.router.manager import ModelManager
+
+    specs = [ModelSpec("one", tmp_path / "one" / "model.gguf", "dir"), ModelSpec("two", tmp_path / "two" / "model.gguf",
+             "dir", aliases=["model"]), ModelSpec("three", tmp_path / "x.gguf", "dir")]
+    m = ModelManager(specs, ServerSettings(), tmp_path)
+    assert m.lookup("model.gguf") is None  # two files of that name
+    assert m.lookup("model").id == "two" and m.lookup("x.gguf").id == "three" and m.lookup("x").id == "three"
+    assert m.lookup("one").id == "one" and m.lookup("nope") is None

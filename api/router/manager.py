@@ -114,9 +114,13 @@ class ModelManager:
                 m.status, m.error, m.load_failed, m.file_stamp = (Status.FAILED, m.spec.error, True,
                                                                   _stamp(m.spec.path))
         self._names: dict[str, str] = {}
+        owners: dict[str, set[str]] = {}
         for s in specs:
-            for n in s.names:
-                self._names.setdefault(n, s.id)
+            for n in s.names[len(s.aliases) + 1:]:  # file names: only where they name one model
+                owners.setdefault(n, set()).add(s.id)
+        self._names |= {n: next(iter(ids)) for n, ids in owners.items() if len(ids) == 1}
+        for s in specs:  # ids and aliases (unique: the catalogue checks) always win
+            self._names |= dict.fromkeys([s.id, *s.aliases], s.id)
         n = len(specs)
         self.slots = min(settings.models_max or n, n) or 1
         self._changed = asyncio.Event()

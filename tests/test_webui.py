@@ -446,3 +446,24 @@ def test_api_key_server(browser: Any, key_server: Any) -> None:
     ans = last_answer(drv)
     assert ans["text"].strip() and not ans["error"]
     assert drv.execute_script("return localStorage.getItem('llamatron.apiKey')") == KEY
+
+
+def test_many_models_picker_loads_the_chosen_model(browser: Any, tmp_path_factory: Any, smollm2_path: Path,
+                                                   gemma3_path: Path) -> None:
+    """Against the many-model router: the picker lists every model with its state, and a message to
+    a model not loaded yet waits for it to load, then streams its answer."""
+    from router_fixture import model_folder, router_process
+
+    folder = model_folder(tmp_path_factory.mktemp("webui-models"), {"smollm2": smollm2_path, "gemma3": gemma3_path})
+    drv = browser
+    with router_process(folder) as r:
+        open_page(drv, r.base_url)
+        labels = wait_for(lambda: [o.get_attribute("textContent") for o in by_css(drv, "#model option")] or None,
+                          10, "the picker", drv)
+        assert labels == ["gemma3 (unloaded)", "smollm2 (unloaded)"]
+        set_setting(drv, "model", "gemma3")
+        set_setting(drv, "max_tokens", "12")
+        send(drv, "Once upon a time")
+        ans = last_answer(drv, timeout=120)
+        assert ans["text"].strip() and not ans["error"], ans
+        assert r.status("gemma3") == "loaded" and r.status("smollm2") == "unloaded"

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
+from .encoder_ops import EncoderOps
 from .metadata import AttentionMetadata
 
 
-class TritonOps:
+class TritonOps(EncoderOps):
     name = "triton"
 
     def __init__(self, device: torch.device, dtype: torch.dtype | None = None) -> None:

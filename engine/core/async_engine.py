@@ -23,6 +23,7 @@ from .engine import (
     EngineOverloadedError,
     EngineStats,
     LLMEngine,
+    check_generates,
     validate_embedding,
     validate_request,
 )
@@ -140,6 +141,7 @@ class AsyncEngine:
         choices of one client request together for fair scheduling. Must be called on the event
         loop that will read the returned stream."""
         self._check_admission()
+        check_generates(self.model_config)
         validate_request(prompt_token_ids, params, self.config.max_model_len, self.model_config.vocab_size)
         return self._enqueue("add", prompt_token_ids, params, request_id, group)
 

@@ -1,0 +1,58 @@
+"""A safetensors checkpoint seen through GGUF names: what `Model.from_gguf` reads, for HF folders.
+
+It offers the GGUFFile surface the decoder's loader uses (`tensors` with ggml type and shape,
+`tensor(name)`, `check_types`, `release_pages`, `path`), so engine/model.py has one way to load
+weights whatever the file format. Tensors view the mmap as F32/F16/BF16 QuantTensors; with a
+quantize type, matrices are quantized here, one at a time, into GGUF blocks. Gemma's norm
+weights are stored as w - 1 in checkpoints (HF Gemma multiplies by 1 + w): the 1 is added here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from .gguf import QuantTensor, TensorInfo
+from .hf_names import hf_to_gguf, is_norm
+from .quantize import quantize, target_type
+from .safetensors_file import CheckpointError, SafetensorsCheckpoint
+
+
+class HFWeights:
+    def __init__(self, ckpt: SafetensorsCheckpoint, cfg: ModelConfig, quant_type: int | None = None) -> None:
+        self.ckpt, self.cfg, self.path = ckpt, cfg, ckpt.folder
+        self.names = hf_to_gguf(cfg.arch, list(ckpt.tensors))  # GGUF name -> checkpoint name
+        self.tensors: dict[str, TensorInfo] = {}
+        for g, h in self.names.items():
+            e = ckpt.tensors[h]
+            self.tensors[g] = TensorInfo(g, e.shape, target_type(e.ggml_type, e.shape, quant_type), 0)
+        if "output.weight" not in self.tensors:  # no lm_head: the embedding is the output (as HF ties it)
+            cfg.tied_embeddings = True
+        if cfg.tied_embeddings:  # a tied checkpoint may still carry a copy of the embedding as lm_head
+            self.tensors.pop("output.weight", None)
+
+    def check_types(self) -> None:
+        self.ckpt.check_dtypes(list(self.names.values()))
+
+    def check_names(self, needed: list[str]) -> None:
+        """A clear error naming the checkpoint tensors that are missing (before any is read)."""
+        from .hf_names import TABLES, gguf_to_hf
+
+        missing = [gguf_to_hf(self.cfg.arch, n) or n for n in needed if n not in self.tensors]
+        if missing and TABLES.get(self.cfg.arch):
+            raise CheckpointError(f"{self.path}: missing tensors for {self.cfg.arch}: {', '.join(missing[:5])}"
+                                  + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+    def tensor(self, name: str) -> QuantTensor:
+        qt = self.ckpt.tensor(self.names[name])
+        qt = QuantTensor(name, qt.ggml_type, qt.shape, qt.data)
+        if self.cfg.arch == "gemma3" and is_norm(name):
+            from kernels.ref_quant import dequantize
+
+            w = dequantize(qt.data, qt.ggml_type, qt.shape) + 1.0
+            return QuantTensor(name, 0, qt.shape, w.view(torch.uint8).reshape(1, -1))
+        want = self.tensors[name].ggml_type
+        return quantize(qt, want) if want != qt.ggml_type else qt
+
+    def release_pages(self) -> None:
+        self.ckpt.release_pages()

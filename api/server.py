@@ -47,6 +47,7 @@ class ServerSettings:
     device: str = "auto"
     cpu_weights: str = "auto"
     threads: int = 0
+    quantize: str = ""  # Hugging Face folders: none | q8_0 | q4_k; "": bf16 on a GPU, q8_0 on CPU
     embeddings: bool = False  # serve /v1/embeddings, /embedding(s) (501 without)
     pooling: str = ""  # embeddings: mean | cls | last | none; "": the model's GGUF pooling_type, else mean
     api_key: list[str] = field(default_factory=list)
@@ -75,7 +76,9 @@ class ServerSettings:
         if self.alias:
             return self.alias
         p = Path(self.model)
-        return p.stem if p.suffix == ".gguf" else self.model
+        if p.suffix == ".gguf":
+            return p.stem
+        return p.name if p.is_dir() else self.model  # a Hugging Face folder: its name
 
     def engine_config(self) -> Any:
         from engine.config import EngineConfig
@@ -84,7 +87,8 @@ class ServerSettings:
                             max_num_seqs=self.parallel, max_num_batched_tokens=self.max_batched_tokens,
                             long_prefill_tokens=self.long_prefill_tokens,
                             kv_cache_gib=self.kv_cache_gib, chat_template=self.chat_template or None,
-                            cpu_weights=self.cpu_weights, threads=self.threads, pooling=self.pooling)
+                            cpu_weights=self.cpu_weights, threads=self.threads, pooling=self.pooling,
+                            quantize=self.quantize)
 
 
 class SettingsError(ValueError):
@@ -173,6 +177,8 @@ def load_settings(cli: dict[str, Any] | None = None, config_file: str | None = N
         raise SettingsError(f"device must be auto, cpu or cuda, not {s.device!r}")
     if s.cpu_weights not in ("auto", "exact"):
         raise SettingsError(f"cpu_weights must be auto or exact, not {s.cpu_weights!r}")
+    if s.quantize not in ("", "none", "q8_0", "q4_k"):
+        raise SettingsError(f"quantize must be none, q8_0 or q4_k, not {s.quantize!r}")
     if s.pooling not in ("", "mean", "cls", "last", "none"):
         raise SettingsError(f"pooling must be mean, cls, last or none, not {s.pooling!r}")
     if s.reasoning_format not in ("auto", "none", "deepseek"):

@@ -67,6 +67,9 @@ class AsyncEngine:
         try:
             eng = self._engine = LLMEngine(self.config, self._loaded)
             eng.warm_up_request_paths()
+        except ValueError as e:  # a model we cannot read or run: the message names the file and why
+            self.load_error, self._dead = str(e), True
+            return
         except Exception as e:  # noqa: BLE001 - reported through /health and load_error
             log.exception("model load failed")
             self.load_error, self._dead = f"{type(e).__name__}: {e}", True

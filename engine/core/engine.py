@@ -137,6 +137,7 @@ class LLMEngine:
             config.max_model_len = resolve_max_len(config, mcfg, loaded.ops.device.type)
         bs = config.block_size
         if mcfg.encoder:  # inputs are granted whole (bidirectional attention): one must fit a step
+            config.max_model_len = min(config.max_model_len, mcfg.context_length)  # learned positions end there
             config.max_num_batched_tokens = max(config.max_num_batched_tokens, config.max_model_len)
             config.enable_prefix_caching = False  # no KV cache to share
             config.cuda_graphs = False  # no decode steps

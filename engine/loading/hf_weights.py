@@ -9,6 +9,9 @@ weights are stored as w - 1 in checkpoints (HF Gemma multiplies by 1 + w): the 1
 
 from __future__ import annotations
 
+import ctypes
+from typing import Any
+
 import torch
 
 from ..config import ModelConfig
@@ -52,7 +55,29 @@ class HFWeights:
             w = dequantize(qt.data, qt.ggml_type, qt.shape) + 1.0
             return QuantTensor(name, 0, qt.shape, w.view(torch.uint8).reshape(1, -1))
         want = self.tensors[name].ggml_type
-        return quantize(qt, want) if want != qt.ggml_type else qt
+        if want == qt.ggml_type:
+            return qt
+        out = quantize(qt, want)
+        self.ckpt.release_pages()  # the quantized copy no longer needs the file's pages
+        return out
 
     def release_pages(self) -> None:
+        """The file's pages read so far, and the heap that quantizing freed, back to the system:
+        glibc keeps freed temporaries (tens of MB per matrix) in its heap, which the resident set
+        would otherwise count until the process ends."""
         self.ckpt.release_pages()
+        trim_heap()
+
+
+def trim_heap() -> None:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc: nothing to trim
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None

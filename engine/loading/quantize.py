@@ -22,7 +22,7 @@ from .gguf import QuantTensor, TYPE_IDS
 Q8_0, Q4_K = TYPE_IDS["Q8_0"], TYPE_IDS["Q4_K"]
 QUANTIZE_TYPES = {"q8_0": Q8_0, "q4_k": Q4_K}
 BLOCK_ELEMS = {Q8_0: 32, Q4_K: 256}
-_CHUNK = 1 << 22  # weights quantized per step: temporaries stay a few tens of MB
+_CHUNK = 1 << 20  # weights quantized per step: temporaries stay a few MB
 
 
 def _round(x: torch.Tensor) -> torch.Tensor:

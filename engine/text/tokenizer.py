@@ -193,7 +193,7 @@ class Tokenizer:
         hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False, rstrip=i in rstrip)
                                for i in np.nonzero(a & (CONTROL | UNKNOWN))[0].tolist()])
         hf.add_tokens([AddedToken(tokens[i], special=False, normalized=False, rstrip=i in rstrip)
-                       for i in np.nonzero((a & USER_DEFINED) & ~(a & (CONTROL | UNKNOWN)))[0].tolist()])
+                       for i in np.nonzero(((a & USER_DEFINED) != 0) & ((a & (CONTROL | UNKNOWN)) == 0))[0].tolist()])
         return cls(hf, tokens, attrs, spm, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos,
                    add_eos=add_eos, add_space_prefix=add_space_prefix, clean_spaces=clean, eog_ids=eog,
                    rstrip_ids=frozenset(rstrip), pad_id=key_id("padding", None))

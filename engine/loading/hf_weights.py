@@ -57,9 +57,7 @@ class HFWeights:
         want = self.tensors[name].ggml_type
         if want == qt.ggml_type:
             return qt
-        out = quantize(qt, want)
-        self.ckpt.release_pages()  # the quantized copy no longer needs the file's pages
-        return out
+        return quantize(qt, want, self.ckpt.release_pages)  # the blocks made no longer need the file's pages
 
     def release_pages(self) -> None:
         """The file's pages read so far, and the heap that quantizing freed, back to the system:

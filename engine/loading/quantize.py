@@ -15,6 +15,8 @@ rows of a multiple of 32, e.g. smollm2's 576).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .gguf import QuantTensor, TYPE_IDS
@@ -80,14 +82,17 @@ def target_type(ggml_type: int, shape: tuple[int, ...], wanted: int | None) -> i
     return ggml_type
 
 
-def quantize(qt: QuantTensor, ggml_type: int) -> QuantTensor:
-    """A float QuantTensor (F32/F16/BF16) as `ggml_type` blocks, converted a few million weights at a time."""
+def quantize(qt: QuantTensor, ggml_type: int, done: Callable[[], None] | None = None) -> QuantTensor:
+    """A float QuantTensor (F32/F16/BF16) as `ggml_type` blocks, converted about a million weights at
+    a time into one output; `done()` runs after each step (the loader drops the file pages read)."""
     from kernels.ref_quant import dequantize
 
     rows, cols = qt.shape
     step = max(1, _CHUNK // cols)
-    parts = []
+    out = torch.empty(rows, cols // BLOCK_ELEMS[ggml_type] * (34 if ggml_type == Q8_0 else 144), dtype=torch.uint8)
     for r in range(0, rows, step):
         dense = dequantize(qt.data[r : r + step], qt.ggml_type, (min(step, rows - r), cols))
-        parts.append(_FNS[ggml_type](dense))
-    return QuantTensor(qt.name, ggml_type, qt.shape, torch.cat(parts) if len(parts) > 1 else parts[0])
+        out[r : r + step] = _FNS[ggml_type](dense)
+        if done is not None:
+            done()
+    return QuantTensor(qt.name, ggml_type, qt.shape, out)

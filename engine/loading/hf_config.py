@@ -149,7 +149,7 @@ def _decoder(c: dict[str, Any], arch: str, path: Path, get: Any) -> ModelConfig:
         tied_embeddings=bool(c.get("tie_word_embeddings", gemma)), format="safetensors",
         activation="gelu_tanh" if gemma else "silu",
     )
-    if arch != "qwen2" and c.get("use_sliding_window"):
+    if not gemma and c.get("use_sliding_window"):  # qwen2's optional window (off in every release)
         raise UnsupportedModelError(f"{path}: use_sliding_window is only supported for gemma3")
     cfg.rope_freq_factors = _rope_freq_factors(c, base, head_dim, path)
     if gemma:

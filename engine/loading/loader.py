@@ -82,8 +82,8 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     """Reads metadata and checks support before touching any weight (clear errors, fast failures)."""
     t0 = time.monotonic()
     path = resolve(cfg.model)
-    if is_hf_folder(path):
-        folder = open_hf_folder(path, cfg.chat_template)
+    folder = open_hf_folder(path, cfg.chat_template) if is_hf_folder(path) else None
+    if folder is not None:
         mcfg, tokenizer, template = folder.config, folder.tokenizer, folder.chat_template
     else:
         gguf = GGUFFile(path)
@@ -97,7 +97,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     cfg.max_model_len = resolve_max_len(cfg, mcfg, device)
     ops = backend(device, cfg.cpu_weights, cfg.threads)
     model: Model | Encoder
-    if is_hf_folder(path):
+    if folder is not None:
         weights = folder.weights(quant_type(cfg.quantize, ops, mcfg))
         if mcfg.encoder:
             model = Encoder.from_weights(weights, mcfg, ops)

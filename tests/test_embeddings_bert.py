@@ -95,3 +95,27 @@ def test_whole_inputs_share_steps(minilm) -> None:
     alone = eng.embed([long], PoolingParams("mean"))
     torch.testing.assert_close(torch.tensor(vecs[0]), torch.tensor(alone[0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.tensor(vecs[2]), torch.tensor(alone[0]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind,quantize", [("torch", None), ("triton", None), ("cpu", "q8_0")])
+def test_encoder_on_every_backend(minilm, kind, quantize) -> None:
+    """The same hidden states on every backend that can be selected (the Triton one in the
+    interpreter here; dense fp32 matrices through torch.matmul), and close with Q8_0 weights."""
+    from engine.encoder import Encoder
+    from engine.loading.hf_folder import open_hf_folder
+    from engine.loading.quantize import QUANTIZE_TYPES
+    from kernels import AttentionMetadata, backend
+
+    folder = open_hf_folder(minilm.path)
+    ops = backend(kind)
+    enc = Encoder.from_weights(folder.weights(QUANTIZE_TYPES.get(quantize)), folder.config, ops)
+    seqs = [minilm.tokenizer.encode(s) for s in SENTENCES[:3]]
+    ids = torch.tensor([t for s in seqs for t in s])
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])
+    cu = torch.tensor([0, *torch.tensor([len(s) for s in seqs]).cumsum(0).tolist()], dtype=torch.int32)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(len(ids), dtype=torch.long), block_tables=torch.zeros(3, 1),
+                             seq_lens=cu[1:] - cu[:-1], cu_seqlens_q=cu, max_seqlen_q=0, max_seqlen_k=0)
+    got = enc.forward(ids, pos, meta, []).float()
+    want = minilm.model.forward(ids, pos, meta, []).float()
+    cos = torch.nn.functional.cosine_similarity(got, want).min()
+    assert cos >= (0.999 if quantize else 0.99999), cos

@@ -235,3 +235,15 @@ def test_registry_resolves_folders(folders, tmp_path) -> None:
         resolve(str(tmp_path / "empty"))
     with pytest.raises(RegistryError, match="not found"):
         resolve(str(tmp_path / "nope"))
+
+
+def test_serve_exits_with_the_load_error(folders, tmp_path) -> None:
+    from server_fixture import free_port
+
+    folder = _broken(folders, tmp_path)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    r = subprocess.run([sys.executable, "-m", "api.cli_serve", "-m", str(folder), "--port", str(free_port()),
+                        "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "corrupt safetensors header" in r.stderr and str(folder / "model.safetensors") in r.stderr
+    assert "Traceback" not in r.stderr

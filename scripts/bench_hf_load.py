@@ -51,7 +51,9 @@ def main() -> None:
     from engine.loading.registry import resolve
 
     gguf = resolve(args.model)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.machine())
+    print(f"machine: {cpu}, {os.cpu_count()} cores; python {platform.python_version()}")
     print(f"command: python scripts/bench_hf_load.py --model {args.model} --threads {args.threads}")
     with tempfile.TemporaryDirectory() as tmp:
         t = time.monotonic()

@@ -247,3 +247,17 @@ def test_serve_exits_with_the_load_error(folders, tmp_path) -> None:
     assert r.returncode == 1
     assert "corrupt safetensors header" in r.stderr and str(folder / "model.safetensors") in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_tensors_the_model_has_no_place_for(folders, tmp_path) -> None:
+    """An o_proj bias (a llama variant with attention_bias) would be silently dropped: an error instead."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _broken(folders, tmp_path)
+    f = folder / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(8)  # a buffer: ignored
+    save_file(tensors, f)
+    msg = _error(folder)
+    assert "no place for: model.layers.0.self_attn.o_proj.bias" in msg and "inv_freq" not in msg

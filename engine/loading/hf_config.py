@@ -145,10 +145,12 @@ def _decoder(c: dict[str, Any], arch: str, path: Path, get: Any) -> ModelConfig:
         n_kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=head_dim,
         intermediate_size=int(get("intermediate_size")), context_length=int(c.get("max_position_embeddings", 2048)),
         rms_eps=float(c.get("rms_norm_eps", 1e-6)), rope_base=base, rope_dim=head_dim, rope_neox=True,
-        qkv_bias=arch == "qwen2" or bool(c.get("attention_bias")), qk_norm=arch in ("qwen3", "gemma3"),
+        qkv_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "gemma3"),
         tied_embeddings=bool(c.get("tie_word_embeddings", gemma)), format="safetensors",
         activation="gelu_tanh" if gemma else "silu",
     )
+    if arch != "qwen2" and (c.get("attention_bias") or c.get("mlp_bias")):  # o_proj / MLP biases: not in the decoder
+        raise UnsupportedModelError(f"{path}: attention_bias / mlp_bias are not supported for {arch}")
     if not gemma and c.get("use_sliding_window"):  # qwen2's optional window (off in every release)
         raise UnsupportedModelError(f"{path}: use_sliding_window is only supported for gemma3")
     cfg.rope_freq_factors = _rope_freq_factors(c, base, head_dim, path)

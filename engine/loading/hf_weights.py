@@ -10,6 +10,7 @@ weights are stored as w - 1 in checkpoints (HF Gemma multiplies by 1 + w): the 1
 from __future__ import annotations
 
 import ctypes
+import re
 from typing import Any
 
 import torch
@@ -19,6 +20,11 @@ from .gguf import QuantTensor, TensorInfo
 from .hf_names import hf_to_gguf, is_norm
 from .quantize import quantize, target_type
 from .safetensors_file import CheckpointError, SafetensorsCheckpoint
+
+
+# checkpoint tensors no forward pass reads: rotary and position-id buffers, BERT's pooler and
+# masked-LM heads (sentence-transformers pools the hidden states itself)
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$|position_ids$|^(bert\.)?pooler\.|^cls\.")
 
 
 class HFWeights:
@@ -38,13 +44,21 @@ class HFWeights:
         self.ckpt.check_dtypes(list(self.names.values()))
 
     def check_names(self, needed: list[str]) -> None:
-        """A clear error naming the checkpoint tensors that are missing (before any is read)."""
-        from .hf_names import TABLES, gguf_to_hf
+        """A clear error naming the checkpoint tensors that are missing, or present but unknown to
+        the model (a variant it would run wrongly, e.g. an o_proj bias), before any is read."""
+        from .hf_names import gguf_to_hf
+
+        def listed(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
         missing = [gguf_to_hf(self.cfg.arch, n) or n for n in needed if n not in self.tensors]
-        if missing and TABLES.get(self.cfg.arch):
-            raise CheckpointError(f"{self.path}: missing tensors for {self.cfg.arch}: {', '.join(missing[:5])}"
-                                  + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        if missing:
+            raise CheckpointError(f"{self.path}: missing tensors for {self.cfg.arch}: {listed(missing)}")
+        used = {self.names[n] for n in needed} | {self.names.get("output.weight")}  # a tied copy: unused, harmless
+        extra = sorted(n for n in self.ckpt.tensors if n not in used and not _IGNORED.search(n))
+        if extra:
+            raise CheckpointError(f"{self.path}: tensors that {self.cfg.arch} as llamatron runs it has no place for: "
+                                  f"{listed(extra)}")
 
     def tensor(self, name: str) -> QuantTensor:
         qt = self.ckpt.tensor(self.names[name])

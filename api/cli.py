@@ -67,6 +67,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     try:
         path = resolve(args.model)
+        if path.is_dir():
+            raise ValueError(f"{path} is already a Hugging Face folder; convert reads a GGUF file")
         out = convert(path, args.out or f"{path.stem}-hf", dtype=args.dtype, shard_mb=args.shard_mb,
                       overwrite=args.overwrite)
     except (RegistryError, ValueError, OSError) as e:

@@ -261,3 +261,21 @@ def test_tensors_the_model_has_no_place_for(folders, tmp_path) -> None:
     save_file(tensors, f)
     msg = _error(folder)
     assert "no place for: model.layers.0.self_attn.o_proj.bias" in msg and "inv_freq" not in msg
+
+
+def test_quantize_setting_flag_env_and_validation() -> None:
+    from api.cli_serve import add_serve_args, settings_from_args
+    from api.server import SettingsError, load_settings
+
+    assert load_settings(env={"LLAMATRON_QUANTIZE": "q4_k"}).engine_config().quantize == "q4_k"
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    assert settings_from_args(p.parse_args(["some/folder", "--quantize", "q8_0"])).engine_config().quantize == "q8_0"
+    with pytest.raises(SettingsError, match="quantize"):
+        load_settings(cli={"quantize": "q3_k"}, env={})
+    with pytest.raises(ValueError, match="quantize must be"):
+        from engine.loading.loader import quant_type
+
+        quant_type("q3_k", None, None)

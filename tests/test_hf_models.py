@@ -50,10 +50,20 @@ def _exact(path: Path):
     return load_model(EngineConfig(model=str(path), device="cpu", cpu_weights="exact", max_model_len=2048))
 
 
+_EXACT: dict[Path, object] = {}
+
+
+def _exact_cached(path: Path):
+    """Each exact (fp32) load once per session: the teacher-forced and the served test share it."""
+    if path not in _EXACT:
+        _EXACT[path] = _exact(path)
+    return _EXACT[path]
+
+
 @pytest.mark.parametrize("fixture", list(MODELS))
 def test_teacher_forced_top1_agrees_with_the_gguf(converted, fixture) -> None:
     gguf_path, folder = converted[fixture]
-    a, b = _exact(gguf_path), _exact(folder)
+    a, b = _exact_cached(gguf_path), _exact_cached(folder)
     assert b.format == "safetensors" and b.config.rope_neox
     agree = total = 0
     for rec in json.loads((DATA / fixture / "greedy.json").read_text())["records"]:
@@ -69,6 +79,29 @@ def test_teacher_forced_top1_agrees_with_the_gguf(converted, fixture) -> None:
     fig = evaluate(b.model, b.tokenizer, DATA / fixture / "greedy.json")  # and against llama.cpp itself
     print(f"{fixture} folder vs llama.cpp:", fig.summary())
     assert fig.prompt_len_mismatches == 0 and fig.top1 >= 0.93
+
+
+def test_served_folder_answers_as_its_gguf(converted) -> None:
+    """`llamatron serve FOLDER` through the real server and the openai SDK: the same greedy chat
+    answer as the GGUF file (both on the fp32 path), the format in /v1/models."""
+    import httpx
+    from openai import OpenAI
+
+    from server_fixture import start_server
+
+    answers, formats = [], []
+    for path in converted["smollm2"]:
+        srv = start_server(_exact_cached(path), alias="", cpu_weights="exact")
+        try:
+            client = OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
+            r = client.chat.completions.create(model=srv.settings.model_id(), temperature=0, max_tokens=16,
+                                               messages=[{"role": "user", "content": "Name three colors."}])
+            answers.append(r.choices[0].message.content)
+            formats.append(httpx.get(srv.base_url + "/v1/models", timeout=30).json()["data"][0]["meta"]["format"])
+        finally:
+            srv.stop()
+    assert formats == ["gguf", "safetensors"]
+    assert answers[0] == answers[1] and len(answers[0]) > 10
 
 
 def _hf_tokenizer(name: str, tmp: Path):

@@ -121,8 +121,23 @@ def test_llama3_rope_scaling_matches_transformers() -> None:
     c = LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0, rope_scaling=scaling)
     inv, _ = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")
     base = 500000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
-    ours = base / torch.tensor(_rope_freq_factors({"rope_scaling": scaling}, 500000.0, 64, Path("c")))
+    ours = base / torch.tensor(_rope_freq_factors(scaling, 500000.0, 64, Path("c")))
     torch.testing.assert_close(ours.float(), inv.float(), rtol=1e-5, atol=0)
+
+
+def test_transformers_5_rope_parameters(folders, tmp_path) -> None:
+    """rope_theta and rope_scaling under `rope_parameters` (per layer type for gemma3)."""
+    from engine.loading.hf_config import config_from_hf
+
+    folder = _broken(folders, tmp_path, "gemma3")
+    cfg = json.loads((folder / "config.json").read_text())
+    for k in ("rope_theta", "rope_local_base_freq", "rope_scaling"):
+        cfg.pop(k, None)
+    cfg["rope_parameters"] = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    got = config_from_hf(folder)
+    assert (got.rope_base, got.rope_base_local, got.rope_freq_factors) == (1e6, 1e4, (8.0,) * 8)
 
 
 def test_gemma3_layer_types_give_the_pattern(folders) -> None:

@@ -53,9 +53,8 @@ def hf_arch(config: dict[str, Any], path: Path) -> str:
     return arch
 
 
-def _rope_freq_factors(c: dict[str, Any], base: float, rot: int, path: Path) -> tuple[float, ...] | None:
+def _rope_freq_factors(rs: dict[str, Any], base: float, rot: int, path: Path) -> tuple[float, ...] | None:
     """Per-frequency divisors of the rotary angles (llama.cpp's rope_freqs) for `rope_scaling`."""
-    rs = c.get("rope_scaling") or {}
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
         return None
@@ -136,7 +135,10 @@ def config_from_hf(folder: Path) -> ModelConfig:
 def _decoder(c: dict[str, Any], arch: str, path: Path, get: Any) -> ModelConfig:
     hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
     head_dim = int(c.get("head_dim") or hidden // heads)
-    params = c.get("rope_parameters") or {}  # transformers 5 moved rope_theta there
+    # transformers 5 moved rope_theta/rope_scaling into rope_parameters (per layer type for gemma3)
+    params = c.get("rope_parameters") or {}
+    local = params.get("sliding_attention") or {}
+    params = params.get("full_attention", params)
     base = float(c.get("rope_theta") or params.get("rope_theta") or 10000.0)
     gemma = arch == "gemma3"
     cfg = ModelConfig(
@@ -153,13 +155,13 @@ def _decoder(c: dict[str, Any], arch: str, path: Path, get: Any) -> ModelConfig:
         raise UnsupportedModelError(f"{path}: attention_bias / mlp_bias are not supported for {arch}")
     if not gemma and c.get("use_sliding_window"):  # qwen2's optional window (off in every release)
         raise UnsupportedModelError(f"{path}: use_sliding_window is only supported for gemma3")
-    cfg.rope_freq_factors = _rope_freq_factors(c, base, head_dim, path)
+    cfg.rope_freq_factors = _rope_freq_factors(c.get("rope_scaling") or params, base, head_dim, path)
     if gemma:
         cfg.post_norms = True
         cfg.embed_scale = math.sqrt(hidden)
         cfg.sliding_window = int(c.get("sliding_window") or 0)
         cfg.sliding_window_pattern = _sliding_pattern(c, path)
-        cfg.rope_base_local = float(c.get("rope_local_base_freq", 10000.0))
+        cfg.rope_base_local = float(c.get("rope_local_base_freq") or local.get("rope_theta") or 10000.0)
         cfg.attn_scale = float(c.get("query_pre_attn_scalar") or head_dim) ** -0.5
         cfg.attn_softcap = float(c.get("attn_logit_softcapping") or 0.0)
         cfg.final_softcap = float(c.get("final_logit_softcapping") or 0.0)

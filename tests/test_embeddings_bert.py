@@ -46,8 +46,8 @@ def client(srv) -> OpenAI:
 
 
 def test_embeddings_match_sentence_transformers(minilm, client) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported: set it first
     st = pytest.importorskip("sentence_transformers")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ref = torch.tensor(st.SentenceTransformer(str(minilm.path), device="cpu").encode(SENTENCES))
     r = client.embeddings.create(model="all-minilm-l6-v2", input=SENTENCES)
     ours = torch.tensor([d.embedding for d in r.data])

@@ -62,7 +62,7 @@ def _model_card(ctx: AppContext) -> dict[str, Any]:
     card: dict[str, Any] = {"id": ctx.model_id, "object": "model", "created": ctx.created, "owned_by": "llamatron"}
     if ctx.ready:
         mc = ctx.engine.model_config
-        card["meta"] = {"arch": mc.arch, "n_vocab": mc.vocab_size, "n_ctx": ctx.engine.config.max_model_len,
+        card["meta"] = {"arch": mc.arch, "format": mc.format, "n_vocab": mc.vocab_size, "n_ctx": ctx.engine.config.max_model_len,
                         "n_ctx_train": mc.context_length, "n_embd": mc.hidden_size, "n_layers": mc.n_layers}
     return card
 

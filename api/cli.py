@@ -1,4 +1,4 @@
-"""`llamatron serve|generate|pull|models|loadtest`."""
+"""`llamatron serve|generate|pull|models|convert|loadtest`."""
 
 from __future__ import annotations
 
@@ -22,14 +22,19 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
-    from engine.core.engine import LLMEngine
+    from engine.core.engine import LLMEngine, check_generates
     from engine.core.sampling import SamplingParams
 
     cfg = EngineConfig(model=args.model, device=args.device, max_num_seqs=1, chat_template=args.chat_template,
-                       cpu_weights=args.cpu_weights, threads=args.threads)
+                       cpu_weights=args.cpu_weights, threads=args.threads, quantize=args.quantize)
     if args.ctx_size:
         cfg.max_model_len = args.ctx_size
-    engine = LLMEngine(cfg)
+    try:
+        engine = LLMEngine(cfg)
+        check_generates(engine.model_config)
+    except ValueError as e:  # a model we cannot read or run: its message, not a traceback
+        print(f"llamatron generate: {e}", file=sys.stderr)
+        return 1
     prompt = args.prompt
     if args.chat:
         prompt = engine.loaded.chat_template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
@@ -42,6 +47,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(result.text)
     n = len(result.token_ids)
     print(f"\n[{len(ids)} prompt tokens, {n} generated in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from engine.loading.convert import convert
+    from engine.loading.registry import RegistryError, resolve
+
+    try:
+        path = resolve(args.model)
+        if path.is_dir():
+            raise ValueError(f"{path} is already a Hugging Face folder; convert reads a GGUF file")
+        out = convert(path, args.out or f"{path.stem}-hf", dtype=args.dtype, shard_mb=args.shard_mb,
+                      overwrite=args.overwrite)
+    except (RegistryError, ValueError, OSError) as e:
+        print(f"llamatron convert: {e}", file=sys.stderr)
+        return 1
+    print(out)
     return 0
 
 
@@ -66,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="print a continuation of a prompt")
     g.add_argument("model_pos", nargs="?", metavar="MODEL")
-    g.add_argument("-m", "--model", default=None, help="registry name or path to a .gguf")
+    g.add_argument("-m", "--model", default=None, help="registry name, .gguf file or Hugging Face model folder")
     g.add_argument("-p", "--prompt", required=True)
     g.add_argument("-n", "--n-predict", type=int, default=64)
     g.add_argument("--temp", type=float, default=0.8)
@@ -79,7 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--cpu-weights", default="auto", choices=["auto", "exact"])
     g.add_argument("-t", "--threads", type=int, default=0, help="CPU kernel threads (0: all cores)")
+    g.add_argument("--quantize", default="", choices=["none", "q8_0", "q4_k"],
+                   help="Hugging Face folders: quantize float weights at load (default: bf16 on a GPU, q8_0 on CPU)")
     g.set_defaults(func=_cmd_generate)
+
+    cv = sub.add_parser("convert", help="write a GGUF model as a Hugging Face folder (safetensors, dequantized)")
+    cv.add_argument("model", help="registry name or path to a .gguf file")
+    cv.add_argument("-o", "--out", default=None, help="output folder (default: <model file stem>-hf)")
+    cv.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"], help="stored weight type")
+    cv.add_argument("--shard-mb", dest="shard_mb", type=float, default=5000,
+                    help="largest safetensors shard in MiB (more: model-0000N-of-0000M + index)")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    cv.set_defaults(func=_cmd_convert)
 
     pl = sub.add_parser("pull", help="download and verify a registry model")
     pl.add_argument("name")

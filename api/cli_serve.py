@@ -14,8 +14,8 @@ from .server import ServerSettings, SettingsError, load_settings, run_server
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_pos", nargs="?", metavar="MODEL", default=None,
-                   help="registry name or path to a .gguf file (same as -m); none: serve many models")
-    p.add_argument("-m", "--model", default=None, help="registry name or path to a .gguf file")
+                   help="registry name, .gguf file or Hugging Face model folder (same as -m); none: serve many models")
+    p.add_argument("-m", "--model", default=None, help="registry name, .gguf file or Hugging Face model folder")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port to listen on (default 8080)")
     p.add_argument("-a", "--alias", default=None,
@@ -33,6 +33,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-weights", dest="cpu_weights", choices=("auto", "exact"), default=None,
                    help="CPU: quantized C kernels (auto) or dense fp32 torch reference (exact)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU kernel threads (0: all cores)")
+    p.add_argument("--quantize", choices=("none", "q8_0", "q4_k"), default=None,
+                   help="Hugging Face folders: quantize float weights at load (default: bf16 on a GPU, q8_0 on CPU)")
     p.add_argument("--embeddings", "--embedding", dest="embeddings", action="store_const", const=True, default=None,
                    help="serve /v1/embeddings, /embedding and /embeddings (otherwise they answer 501)")
     p.add_argument("--pooling", choices=("mean", "cls", "last", "none"), default=None,

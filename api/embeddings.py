@@ -3,8 +3,9 @@
 Each input becomes one prefill-only engine request (engine/core/pooling.py), batched with whatever
 else runs; the engine answers plain lists of floats (pooled hidden states of the last layer after
 the final norm, normalised as llama-server's `embd_normalize` says, default euclidean). Off unless
-the server runs with `--embeddings`: the endpoints then answer 400 `not_supported_error` with
-llama-server's message (llama-server itself answers 501).
+the server runs with `--embeddings` or serves an encoder (a BERT embedding model, which does
+nothing else): the endpoints then answer 400 `not_supported_error` with llama-server's message
+(llama-server itself answers 501).
 
 - /v1/embeddings: `input` (string, list of strings, token ids, list of token-id lists),
   `encoding_format` float | base64 (little-endian float32), `dimensions` (the first n components,
@@ -192,7 +193,7 @@ def _encode(vec: list[float], fmt: str) -> list[float] | str:
 async def _prepared(request: Request, oai: bool) -> tuple[AppContext, EmbeddingPlan]:
     ctx: AppContext = request.app.state.ctx
     ctx.check_admitting()
-    if not ctx.settings.embeddings:
+    if not (ctx.settings.embeddings or ctx.engine.model_config.encoder):  # an encoder only embeds
         # llama-server answers 501; asking a server for what it was not started with is the client's
         # mistake here (no 5xx for those): 400, the type still says what is missing
         raise APIError(400, NOT_ENABLED, code="not_supported", type="not_supported_error")

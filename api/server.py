@@ -47,6 +47,7 @@ class ServerSettings:
     device: str = "auto"
     cpu_weights: str = "auto"
     threads: int = 0
+    quantize: str = ""  # Hugging Face folders: none | q8_0 | q4_k; "": bf16 on a GPU, q8_0 on CPU
     embeddings: bool = False  # serve /v1/embeddings, /embedding(s) (501 without)
     pooling: str = ""  # embeddings: mean | cls | last | none; "": the model's GGUF pooling_type, else mean
     api_key: list[str] = field(default_factory=list)
@@ -90,7 +91,9 @@ class ServerSettings:
         if self.aliases:
             return self.aliases[0]
         p = Path(self.model)
-        return p.stem if p.suffix == ".gguf" else self.model
+        if p.suffix == ".gguf":
+            return p.stem
+        return p.name if p.is_dir() else self.model  # a Hugging Face folder: its name
 
     @property
     def aliases(self) -> list[str]:
@@ -116,7 +119,7 @@ class ServerSettings:
                             long_prefill_tokens=self.long_prefill_tokens,
                             kv_cache_gib=self.kv_cache_gib, chat_template=self.chat_template or None,
                             cpu_weights=self.cpu_weights, threads=self.threads, pooling=self.pooling,
-                            gpu_memory_fraction=self.gpu_memory_fraction)
+                            gpu_memory_fraction=self.gpu_memory_fraction, quantize=self.quantize)
 
 
 class SettingsError(ValueError):
@@ -219,6 +222,8 @@ def validate_settings(s: ServerSettings) -> None:
         raise SettingsError(f"device must be auto, cpu or cuda, not {s.device!r}")
     if s.cpu_weights not in ("auto", "exact"):
         raise SettingsError(f"cpu_weights must be auto or exact, not {s.cpu_weights!r}")
+    if s.quantize not in ("", "none", "q8_0", "q4_k"):
+        raise SettingsError(f"quantize must be none, q8_0 or q4_k, not {s.quantize!r}")
     if s.pooling not in ("", "mean", "cls", "last", "none"):
         raise SettingsError(f"pooling must be mean, cls, last or none, not {s.pooling!r}")
     if s.reasoning_format not in ("auto", "none", "deepseek"):

@@ -48,6 +48,12 @@ class ModelConfig:
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
     pooling: str = "mean"  # embeddings' default pooling (GGUF `<arch>.pooling_type`, else mean)
+    rope_freq_factors: tuple[float, ...] | None = None  # divisors of the global rope frequencies (rope_scaling)
+    # encoders (BERT): bidirectional attention over learned absolute positions; embeddings only
+    encoder: bool = False
+    max_positions: int = 0  # rows of the learned position table
+    type_vocab_size: int = 0
+    format: str = "gguf"  # the checkpoint read: "gguf" or "safetensors"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def layer_is_sliding(self, layer: int) -> bool:
@@ -65,6 +71,8 @@ class ModelConfig:
         return self.attn_scale or 1.0 / math.sqrt(self.head_dim)
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        if self.encoder:  # attends within its own input: no KV cache
+            return 0
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
 
     @classmethod
@@ -130,7 +138,7 @@ class ModelConfig:
 class EngineConfig:
     """Runtime limits of one engine (one model on one device)."""
 
-    model: str = "smollm2-135m-instruct"  # registry name or path to a .gguf
+    model: str = "smollm2-135m-instruct"  # registry name, path to a .gguf or to a Hugging Face folder
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int = 0  # -c; 0: the model's training context (capped at 8192 on CPU)
     max_num_seqs: int = 8  # -np: sequences decoded together
@@ -146,3 +154,6 @@ class EngineConfig:
     cpu_weights: str = "auto"  # CPU: "auto" (quantized C kernels) | "exact" (dense fp32 torch reference)
     threads: int = 0  # CPU kernel threads (llama.cpp's -t); 0: the cores torch sees
     pooling: str = ""  # embeddings: mean | cls | last | none; "": the model's (ModelConfig.pooling)
+    # weights of a Hugging Face checkpoint: "" (GPU: bf16; CPU: q8_0, or fp32 with cpu_weights exact),
+    # "none" (as stored), "q8_0" or "q4_k" (quantized at load into GGUF blocks)
+    quantize: str = ""

@@ -66,12 +66,12 @@ def _required_names(cfg: ModelConfig, layer: int) -> dict[str, str]:
     return names
 
 
-def _fusable(gguf: GGUFFile, names: list[str]) -> bool:
+def fusable(gguf: GGUFFile, names: list[str]) -> bool:
     infos = [gguf.tensors[n] for n in names]
     return len({i.ggml_type for i in infos}) == 1 and len({i.shape[1:] for i in infos}) == 1
 
 
-def _concat(gguf: GGUFFile, names: list[str]) -> QuantTensor:
+def concat_rows(gguf: GGUFFile, names: list[str]) -> QuantTensor:
     """The GGUF rows of several same-type tensors as one (each row is whole blocks)."""
     parts = [gguf.tensor(n) for n in names]
     n, name, kind = sum(p.shape[0] for p in parts), "+".join(names), parts[0].ggml_type
@@ -84,25 +84,31 @@ def _layer_weights(gguf: GGUFFile, ops: Ops, names: dict[str, str]) -> LayerWeig
     w = {f: ops.prepare_weight(gguf.tensor(n)) for f, n in names.items()
          if f not in ("wq", "wk", "wv", "bq", "bk", "bv", "w_gate", "w_up")}
     qkv = [names["wq"], names["wk"], names["wv"]]
-    if _fusable(gguf, qkv):
-        w["wqkv"] = ops.prepare_weight(_concat(gguf, qkv))
+    if fusable(gguf, qkv):
+        w["wqkv"] = ops.prepare_weight(concat_rows(gguf, qkv))
         if "bq" in names:
-            w["bqkv"] = ops.prepare_weight(_concat(gguf, [names["bq"], names["bk"], names["bv"]]))
+            w["bqkv"] = ops.prepare_weight(concat_rows(gguf, [names["bq"], names["bk"], names["bv"]]))
     else:
         w |= {f: ops.prepare_weight(gguf.tensor(names[f])) for f in ("wq", "wk", "wv", "bq", "bk", "bv") if f in names}
-    if _fusable(gguf, [names["w_gate"], names["w_up"]]):
-        w["w_gate_up"] = ops.prepare_gate_up(_concat(gguf, [names["w_gate"], names["w_up"]]),
+    if fusable(gguf, [names["w_gate"], names["w_up"]]):
+        w["w_gate_up"] = ops.prepare_gate_up(concat_rows(gguf, [names["w_gate"], names["w_up"]]),
                                              gguf.tensors[names["w_gate"]].shape[0])
     else:
         w |= {f: ops.prepare_weight(gguf.tensor(names[f])) for f in ("w_gate", "w_up")}
     return LayerWeights(**w)
 
 
-def check_tensors(gguf: GGUFFile, cfg: ModelConfig) -> None:
-    """Fail with a clear message before reading any weight if a tensor the decoder needs is missing."""
-    needed = ["token_embd.weight", "output_norm.weight"]
+def required_tensors(cfg: ModelConfig) -> list[str]:
+    """The GGUF names of every tensor the decoder reads (output.weight too unless tied)."""
+    needed = ["token_embd.weight", "output_norm.weight"] + ([] if cfg.tied_embeddings else ["output.weight"])
     for i in range(cfg.n_layers):
         needed += list(_required_names(cfg, i).values())
+    return needed
+
+
+def check_tensors(gguf: GGUFFile, cfg: ModelConfig) -> None:
+    """Fail with a clear message before reading any weight if a tensor the decoder needs is missing."""
+    needed = [n for n in required_tensors(cfg) if n != "output.weight"]  # GGUF: absent means tied
     missing = [n for n in needed if n not in gguf.tensors]
     if missing:
         raise GGUFError(f"{gguf.path.name}: missing tensors for {cfg.arch}: {', '.join(missing[:5])}")
@@ -114,7 +120,7 @@ class Model:
         self.cfg, self.ops = cfg, ops
         self.embed, self.layers, self.out_norm, self.lm_head = embed, layers, out_norm, lm_head
         rot = cfg.rope_dim
-        self.rope_global = rope_cache(cfg.rope_base, rot, max_positions, ops.device)
+        self.rope_global = rope_cache(cfg.rope_base, rot, max_positions, ops.device, cfg.rope_freq_factors)
         self.rope_local = (
             rope_cache(cfg.rope_base_local, rot, max_positions, ops.device)
             if cfg.rope_base_local else self.rope_global
@@ -122,6 +128,8 @@ class Model:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, cfg: ModelConfig, ops: Ops, max_positions: int) -> "Model":
+        """`gguf`: a GGUFFile, or anything with its surface (engine/loading/hf_weights.py: a
+        safetensors checkpoint under GGUF names)."""
         gguf.check_types()
         check_tensors(gguf, cfg)
         layers = []

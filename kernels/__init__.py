@@ -61,6 +61,14 @@ class Ops(Protocol):
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata,
         scale: float, sliding_window: int = 0, softcap: float = 0.0,
     ) -> torch.Tensor: ...
+    # encoders (BERT): post-LayerNorm with bias, erf GELU, bidirectional attention within each input
+    # (no KV cache). Every backend runs these as the torch reference ops: encoders are small and
+    # their cost is the matmuls, which go through `linear` like the decoder's.
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor: ...
+    def gelu(self, x: torch.Tensor) -> torch.Tensor: ...
+    def dense_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+    ) -> torch.Tensor: ...
 
 
 def backend(device: str | torch.device = "cpu", cpu_weights: str = "auto", threads: int = 0) -> Ops:

@@ -20,7 +20,7 @@ from .ref_quant import dequantize
 
 __all__ = [
     "dequantize", "qmatmul", "linear", "embedding", "rms_norm", "rope", "silu_mul", "gelu_tanh_mul",
-    "store_kv", "rope_store_kv", "paged_attention", "rope_cache",
+    "store_kv", "rope_store_kv", "paged_attention", "rope_cache", "layer_norm", "gelu", "dense_attention",
 ]
 
 
@@ -50,9 +50,13 @@ def rms_norm(
     return out.to(x.dtype), x
 
 
-def rope_cache(base: float, rot_dim: int, max_pos: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[max_pos, rot_dim]: cos of each angle in the first half, sin in the second (fp32)."""
+def rope_cache(base: float, rot_dim: int, max_pos: int, device: torch.device | str = "cpu",
+               freq_factors: tuple[float, ...] | None = None) -> torch.Tensor:
+    """[max_pos, rot_dim]: cos of each angle in the first half, sin in the second (fp32).
+    `freq_factors` [rot_dim / 2] divide the frequencies (rope scaling, llama.cpp's rope_freqs)."""
     inv_freq = base ** (-torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
+    if freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float64)
     ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return torch.cat([ang.cos(), ang.sin()], dim=-1).float().to(device)
 
@@ -157,4 +161,32 @@ def paged_attention(
         p = torch.softmax(s, dim=-1)
         o = torch.einsum("ngqk,knd->qngd", p, v)
         out[qs:qe] = o.reshape(ql, nh, hd).to(out.dtype)
+    return out
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension with weight and bias (encoders), in fp32."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """The exact (erf) GELU of BERT-family MLPs, in fp32."""
+    return F.gelu(x.float()).to(x.dtype)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Bidirectional attention within each sequence of a flat batch (encoders: every token sees
+    every token of its own input, no cache). q [T, nh, hd], k/v [T, nkv, hd]; sequence b owns rows
+    cu_seqlens[b] : cu_seqlens[b + 1]."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    cu = cu_seqlens.tolist()
+    for a, b in zip(cu[:-1], cu[1:]):
+        if b > a:
+            qs = q[a:b].float().transpose(0, 1)  # [nh, L, hd]
+            ks = k[a:b].float().transpose(0, 1).repeat_interleave(group, 0)
+            vs = v[a:b].float().transpose(0, 1).repeat_interleave(group, 0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+            out[a:b] = o.transpose(0, 1).to(out.dtype)
     return out

@@ -8,10 +8,11 @@ import torch
 
 from . import reference as ref
 from .metadata import AttentionMetadata
+from .encoder_ops import EncoderOps
 from .unfused import UnfusedEpilogues
 
 
-class TorchOps(UnfusedEpilogues):
+class TorchOps(UnfusedEpilogues, EncoderOps):
     name = "torch"
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:

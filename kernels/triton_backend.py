@@ -1,7 +1,10 @@
 """The Triton backend: GGUF blocks stay quantized on the device; every op is a Triton kernel.
 
 Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (tests). Norm weights and biases
-(F32 1-D tensors) are kept dense; matrices stay QuantTensors and go through `qmatmul`.
+(F32 1-D tensors) are kept dense; quantized matrices stay QuantTensors and go through `qmatmul`.
+Float matrices (F32/F16/BF16: Hugging Face checkpoints served unquantized, the odd GGUF tensor)
+are dense tensors in their own dtype multiplied by `torch.matmul`: cuBLAS's GEMV and GEMM run at
+the bandwidth limit for dense 16-bit weights, which a GGUF-block kernel cannot beat there.
 """
 
 from __future__ import annotations
@@ -10,10 +13,14 @@ from typing import Any
 
 import torch
 
+from .encoder_ops import EncoderOps
 from .metadata import AttentionMetadata
 
 
-class TritonOps:
+_FLOAT_DTYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # ggml type -> dense dtype
+
+
+class TritonOps(EncoderOps):
     name = "triton"
 
     def __init__(self, device: torch.device, dtype: torch.dtype | None = None) -> None:
@@ -28,6 +35,9 @@ class TritonOps:
             return ref_quant.dequantize(qt.data, qt.ggml_type, qt.shape, torch.float32).to(self.device)
         if qt.ggml_type in packed.PACKED_TYPES:  # aligned planes, repacked on the device
             return packed.pack(qt.to(self.device))
+        if qt.ggml_type in _FLOAT_DTYPES:  # kept in its own dtype; fp32 activations (interpreter): fp32
+            w = qt.data.to(self.device).view(_FLOAT_DTYPES[qt.ggml_type]).reshape(qt.shape)
+            return w.float() if self.dtype == torch.float32 else w
         return qt.to(self.device)
 
     @property
@@ -40,6 +50,9 @@ class TritonOps:
     def linear(self, x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         from .qmatmul import qmatmul
 
+        if isinstance(w, torch.Tensor):  # a dense float matrix (cuBLAS); bias added in fp32 as qmatmul does
+            y = torch.nn.functional.linear(x if x.dtype == w.dtype else x.to(w.dtype), w)
+            return (y.float() + bias).to(x.dtype) if bias is not None else y.to(x.dtype)
         return qmatmul(x, w, bias=bias)
 
     def embedding(self, ids: torch.Tensor, w: Any) -> torch.Tensor:
@@ -49,6 +62,8 @@ class TritonOps:
 
         if isinstance(w, PackedWeight):
             return dequant_rows(w, ids, self.dtype)
+        if isinstance(w, torch.Tensor):
+            return w[ids].to(self.dtype)
         rows = w.data.index_select(0, ids.long())
         return dequantize(rows, w.ggml_type, (ids.shape[0], w.shape[-1]), self.dtype)
 

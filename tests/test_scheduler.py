@@ -294,3 +294,27 @@ def test_prompt_chunks_are_capped_while_others_decode() -> None:
     lone = Scheduler(KVCacheManager(512, BS), 4, max_num_batched_tokens=512, long_prefill_tokens=32)
     lone.add(make("long", list(range(1, 300)), 1))
     assert lone.schedule().num_new_tokens == [299]  # nothing decodes: the whole budget
+
+
+def test_unchunked_prefill_grants_prompts_whole() -> None:
+    """Encoders (chunked_prefill=False): a prompt is admitted only when all of it fits the step's
+    budget; the others wait in arrival order and each is granted whole in a later step."""
+    from engine.core.pooling import PoolingParams
+
+    kv = KVCacheManager(64, BS)
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=10, chunked_prefill=False)
+    lens = [6, 6, 3, 10]
+    seqs = [Sequence(f"e{i}", list(range(1, n + 1)), SamplingParams(max_tokens=None), 0, pooling=PoolingParams())
+            for i, n in enumerate(lens)]
+    for s in seqs:
+        sched.add(s)
+    steps = []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        steps.append([(s.request_id, n) for s, n in zip(out.seqs, out.num_new_tokens)])
+        for s, n in zip(out.seqs, out.num_new_tokens):
+            assert n == s.num_tokens  # never a chunk
+        sched.update(out)
+        for s in list(out.seqs):
+            sched.finish(s, "stop")
+    assert steps == [[("e0", 6)], [("e1", 6), ("e2", 3)], [("e3", 10)]]

@@ -23,6 +23,7 @@ from .engine import (
     EngineOverloadedError,
     EngineStats,
     LLMEngine,
+    check_generates,
     validate_embedding,
     validate_request,
 )
@@ -66,6 +67,9 @@ class AsyncEngine:
         try:
             eng = self._engine = LLMEngine(self.config, self._loaded)
             eng.warm_up_request_paths()
+        except ValueError as e:  # a model we cannot read or run: the message names the file and why
+            self.load_error, self._dead = str(e), True
+            return
         except Exception as e:  # noqa: BLE001 - reported through /health and load_error
             log.exception("model load failed")
             self.load_error, self._dead = f"{type(e).__name__}: {e}", True
@@ -140,6 +144,7 @@ class AsyncEngine:
         choices of one client request together for fair scheduling. Must be called on the event
         loop that will read the returned stream."""
         self._check_admission()
+        check_generates(self.model_config)
         validate_request(prompt_token_ids, params, self.config.max_model_len, self.model_config.vocab_size)
         return self._enqueue("add", prompt_token_ids, params, request_id, group)
 

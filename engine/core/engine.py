@@ -104,6 +104,13 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_mo
     return max_tokens
 
 
+def check_generates(model_config) -> None:
+    """Encoders (BERT embedding models) embed only: a generation request is a client mistake (400)."""
+    if model_config is not None and model_config.encoder:
+        raise ValueError(f"this model ({model_config.name}, a {model_config.arch} encoder) serves embeddings only "
+                         f"(/v1/embeddings); it cannot generate text")
+
+
 def validate_embedding(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
     """Checks an embedding request before any work: the whole input must fit the context."""
     n = len(prompt_token_ids)
@@ -129,6 +136,11 @@ class LLMEngine:
 
             config.max_model_len = resolve_max_len(config, mcfg, loaded.ops.device.type)
         bs = config.block_size
+        if mcfg.encoder:  # inputs are granted whole (bidirectional attention): one must fit a step
+            config.max_model_len = min(config.max_model_len, mcfg.context_length)  # learned positions end there
+            config.max_num_batched_tokens = max(config.max_num_batched_tokens, config.max_model_len)
+            config.enable_prefix_caching = False  # no KV cache to share
+            config.cuda_graphs = False  # no decode steps
         num_blocks = num_blocks or self._blocks_from_budget()
         if num_blocks * bs < config.max_model_len:
             log.warning("KV pool holds %d tokens < context %d: context reduced", num_blocks * bs, config.max_model_len)
@@ -137,7 +149,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
         long_prefill = config.long_prefill_tokens or LONG_PREFILL_DEFAULT.get(loaded.ops.device.type, 256)
         budget = max(config.max_num_batched_tokens, config.max_num_seqs)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, long_prefill)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, long_prefill,
+                                   chunked_prefill=not mcfg.encoder)
         eog = set(getattr(self.tokenizer, "eog_ids", ()) or ())
         self.runner = ModelRunner(loaded.model, num_blocks, bs, config.max_model_len, config.max_num_seqs,
                                   Sampler(mcfg.vocab_size, eog), config.cuda_graphs)
@@ -156,6 +169,8 @@ class LLMEngine:
         per_token = self.model_config.kv_bytes_per_token(self.loaded.ops.kv_dtype.itemsize)
         # more than every slot at full context is never used
         cap = -(-cfg.max_model_len * cfg.max_num_seqs // cfg.block_size)
+        if per_token == 0:  # an encoder: blocks are only the scheduler's bookkeeping
+            return cap
         n = min(num_blocks_for_budget(budget, cfg.block_size, per_token), cap)
         if n < 1:
             raise ValueError(f"KV cache budget of {budget} bytes holds no {cfg.block_size}-token block "
@@ -179,6 +194,7 @@ class LLMEngine:
                     group: str | None = None) -> None:
         """`group`: the client request this one belongs to (its n choices share one), for fair
         scheduling; None: its own."""
+        check_generates(self.model_config)
         max_tokens = validate_request(prompt_token_ids, params, self.config.max_model_len, self.model_config.vocab_size)
         seq = Sequence(request_id, list(prompt_token_ids), params, max_tokens, group=group or "")
         if params.seed is not None:
@@ -315,4 +331,4 @@ class LLMEngine:
 
 
 __all__ = ["ContextLengthError", "EngineDeadError", "EngineOverloadedError", "EngineStats",
-           "GenerationResult", "LLMEngine", "validate_embedding", "validate_request"]
+           "GenerationResult", "LLMEngine", "check_generates", "validate_embedding", "validate_request"]

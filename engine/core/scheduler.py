@@ -6,7 +6,9 @@ Each step hands out at most `max_num_batched_tokens` tokens:
 2. then waiting sequences in arrival order, while fewer than `max_num_seqs` run, each taking its
    cached prefix for free and a chunk of the rest.
 While any sequence decodes, prompt chunks together get at most `long_prefill_tokens` of a step,
-so a long prompt cannot stretch the decoders' inter-token gap to a whole prefill.
+so a long prompt cannot stretch the decoders' inter-token gap to a whole prefill. Without chunked
+prefill (encoders: bidirectional attention needs all of an input at once) a sequence is admitted
+only when its whole prompt fits what is left of the step.
 
 Fairness is per client request (`Sequence.group`: the n choices of one request share a group).
 When requests compete for slots, each group's fair share is max_num_seqs / groups; a waiting
@@ -53,13 +55,14 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 long_prefill_tokens: int | None = None) -> None:
+                 long_prefill_tokens: int | None = None, chunked_prefill: bool = True) -> None:
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one token per running seq)")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.long_prefill_tokens = long_prefill_tokens or max_num_batched_tokens
+        self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # kept in arrival order: the last one is the newest
         self.requests: dict[str, Sequence] = {}
@@ -160,6 +163,8 @@ class Scheduler:
             hits = [] if seq.needs_all_hidden() else self.kv.get_computed_blocks(seq)
             num_cached = len(hits) * self.kv.block_size
             n = min(seq.num_tokens - num_cached, budget)
+            if not self.chunked_prefill and n < seq.num_tokens - num_cached:
+                break  # the next step grants it whole (arrival order kept)
             reserve = self.watermark_blocks if self.running else 0
             need = self.kv.blocks_needed(num_cached + n) - len(hits)
             if self.kv.num_free_blocks - need < reserve or not self.kv.allocate(seq, n, hits):

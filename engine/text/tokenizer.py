@@ -91,11 +91,15 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer, tokens: list[str], attrs: list[int], spm: bool, *,
                  bos_id: int | None, eos_id: int | None, add_bos: bool, add_eos: bool,
                  add_space_prefix: bool, clean_spaces: bool, eog_ids: set[int],
-                 rstrip_ids: frozenset[int] = frozenset(), pad_id: int | None = None) -> None:
+                 rstrip_ids: frozenset[int] = frozenset(), pad_id: int | None = None,
+                 wordpiece: bool = False) -> None:
+        """`spm`: pieces in SentencePiece style ("▁" is a space, <0xXX> bytes), else byte-level BPE;
+        `wordpiece`: BERT's pieces ("##" continues a word, others start one after a space)."""
         self.hf = hf
         self._tokens = tokens
         self._attrs = attrs
         self._spm = spm
+        self._wordpiece = wordpiece
         self.vocab_size = len(tokens)
         self.bos_id, self.eos_id = bos_id, eos_id
         self.bos_token = tokens[bos_id] if bos_id is not None else ""
@@ -189,10 +193,15 @@ class Tokenizer:
         hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False, rstrip=i in rstrip)
                                for i in np.nonzero(a & (CONTROL | UNKNOWN))[0].tolist()])
         hf.add_tokens([AddedToken(tokens[i], special=False, normalized=False, rstrip=i in rstrip)
-                       for i in np.nonzero((a & USER_DEFINED) & ~(a & (CONTROL | UNKNOWN)))[0].tolist()])
+                       for i in np.nonzero(((a & USER_DEFINED) != 0) & ((a & (CONTROL | UNKNOWN)) == 0))[0].tolist()])
         return cls(hf, tokens, attrs, spm, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos,
                    add_eos=add_eos, add_space_prefix=add_space_prefix, clean_spaces=clean, eog_ids=eog,
                    rstrip_ids=frozenset(rstrip), pad_id=key_id("padding", None))
+
+    @property
+    def clean_up_spaces(self) -> bool:
+        """Whether decode runs llama.cpp's clean_spaces passes (" ." -> ".")."""
+        return self._clean
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """llama_tokenize: add_special adds BOS/EOS as the metadata says; parse_special lets
@@ -231,6 +240,8 @@ class Tokenizer:
         if attr & NORMAL:
             if self._spm:
                 return text.replace("▁", " ").encode()
+            if self._wordpiece:
+                return (text[2:] if text.startswith("##") else " " + text).encode()
             try:  # byte-level alphabet -> raw bytes, in C
                 return text.translate(_BYTE_TRANSLATE).encode("latin-1")
             except UnicodeEncodeError:  # a char outside the alphabet: keep it as UTF-8

@@ -18,6 +18,7 @@ import torch
 from .. import quant_layouts as L
 from .. import reference as ref
 from ..metadata import AttentionMetadata
+from ..encoder_ops import EncoderOps
 from ..unfused import UnfusedEpilogues
 from . import build
 from .pack import PackedWeight, pack, supported, unpack_rows
@@ -35,7 +36,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-class CpuOps(UnfusedEpilogues):
+class CpuOps(UnfusedEpilogues, EncoderOps):
     name = "cpu"
 
     def __init__(self, threads: int = 0, lib: ctypes.CDLL | None = None) -> None:

@@ -126,12 +126,12 @@ def router_process(models_dir: Path | None, *flags: str, timeout: float = 120) -
 
 
 def model_folder(path: Path, models: dict[str, Path], broken: bool = False) -> Path:
-    """A --models-dir of symlinks to the real files (`name.gguf`), and a truncated copy of the
+    """A --models-dir of symlinks to the real files (`name.gguf`, or `name/` for a folder), and a truncated copy of the
     first model named `broken.gguf` when asked (its header reads, its weights are cut short)."""
     path.mkdir(parents=True, exist_ok=True)
-    for name, src in models.items():
-        (path / f"{name}.gguf").symlink_to(src)
+    for name, src in models.items():  # a Hugging Face folder joins as a subfolder of its own
+        (path / (name if src.is_dir() else f"{name}.gguf")).symlink_to(src)
     if broken:
-        with open(next(iter(models.values())), "rb") as f:
+        with open(next(p for p in models.values() if p.is_file()), "rb") as f:
             (path / "broken.gguf").write_bytes(f.read(4 << 20))
     return path

@@ -24,9 +24,16 @@ COMPLETIONS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):"]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, smollm2_path, gemma3_path):
-    return model_folder(tmp_path_factory.mktemp("models"), {"smollm2": smollm2_path, "gemma3": gemma3_path},
-                        broken=True)
+def minilm_path():
+    from conftest import model_file
+
+    return model_file("all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, smollm2_path, gemma3_path, minilm_path):
+    return model_folder(tmp_path_factory.mktemp("models"), {"smollm2": smollm2_path, "gemma3": gemma3_path,
+                                                            "minilm": minilm_path}, broken=True)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +178,7 @@ def test_health_and_props(router) -> None:
     assert httpx.get(router.base_url + "/health").json() == {"status": "ok"}
     assert httpx.get(router.base_url + "/health?model=broken").status_code == 503
     props = httpx.get(router.base_url + "/props").json()
-    assert props["role"] == "router" and set(props["models"]) == {"smollm2", "gemma3", "broken"}
+    assert props["role"] == "router" and set(props["models"]) == {"smollm2", "gemma3", "broken", "minilm"}
     one = httpx.get(router.base_url + "/props?model=smollm2").json()
     assert one["default_generation_settings"]["n_ctx"] == 2048
     assert httpx.get(router.base_url + "/slots").json()["error"]["code"] == "model_required"
@@ -204,7 +211,8 @@ def test_cli_models_offline_and_against_the_router(router, folder) -> None:
         return {r["id"]: r for r in json.loads(out)}
 
     offline = run("--models-dir", str(folder))
-    assert set(offline) == {"smollm2", "gemma3", "broken"} and offline["broken"]["status"] == "failed"
+    assert set(offline) == {"smollm2", "gemma3", "broken", "minilm"} and offline["broken"]["status"] == "failed"
+    assert offline["minilm"]["format"] == "safetensors" and offline["minilm"]["ftype"] == "F32"
     assert offline["gemma3"]["ftype"] == "Q4_K_M" and offline["smollm2"]["n_ctx_train"] == 8192
     live = run("--base-url", router.base_url)
     assert live["smollm2"]["status"] == "loaded" and live["smollm2"]["memory"] > 0
@@ -226,3 +234,22 @@ def test_the_three_shipped_models_from_one_folder(tmp_path, smollm2_path, gemma3
     names = {"qwen": "qwen2.5-coder-0.5b-instruct", "smollm2": "smollm2-135m-instruct", "gemma3": "gemma-3-270m"}
     for (m, fn, p), answer in zip(calls, got):
         assert answer == _alone(names[m], m, [(fn, p)])[0], (m, p)
+
+
+def test_a_hugging_face_encoder_folder_serves_embeddings(router, minilm_path) -> None:
+    """A model subfolder with config.json (all-MiniLM-L6-v2) is one model: embeddings through the
+    router equal the model served alone; generation on it is a 400."""
+    card = router.models()["minilm"]
+    assert card["format"] == "safetensors" and card["meta"]["arch"] == "bert" and card["meta"]["n_embd"] == 384
+    client = openai.OpenAI(base_url=router.base_url + "/v1", api_key="x", timeout=300)
+    got = client.embeddings.create(model="minilm", input=PROMPTS).data
+    srv = start_server(loaded_model("all-minilm-l6-v2"), alias="minilm")
+    try:
+        want = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x").embeddings.create(model="minilm",
+                                                                                          input=PROMPTS).data
+    finally:
+        srv.stop()
+    for a, b in zip(got, want):
+        assert sum(x * y for x, y in zip(a.embedding, b.embedding)) > 0.9999
+    with pytest.raises(openai.BadRequestError):
+        _chat(client, "minilm", "hi")

@@ -35,7 +35,7 @@ PER_MODEL = frozenset({
     "threads", "embeddings", "pooling", "chat_template", "reasoning_format", "reasoning_budget",
     "gpu_memory_fraction", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_input_chars",
     "max_message_chars", "template_timeout_s", "grammar_timeout_s", "max_grammar_chars",
-    "parse_special_in_content", "grace_period",
+    "parse_special_in_content", "grace_period", "quantize",
 })
 PRESET_ONLY = frozenset({"model", "alias", "load_on_startup"})
 PATH_KEYS = ("chat_template", "model")

@@ -112,7 +112,7 @@ def model_card(ctx: RouterContext, m: ManagedModel) -> dict[str, Any]:
                 "n_embd": info.n_embd, "n_params": info.n_params, "size": info.tensor_bytes, "ftype": info.ftype,
                 "arch": info.arch, "n_layers": info.n_layers}
     if m.status is Status.LOADED and m.process is not None:
-        meta |= {k: v for k, v in m.info.items() if k.startswith("n_") or k == "arch"}
+        meta |= {k: v for k, v in m.info.items() if k.startswith("n_") or k in ("arch", "format")}
         card |= {"pid": m.process.pid, "device": m.info.get("device"), "load_seconds": round(m.load_seconds, 3),
                  "kv_capacity_tokens": m.info.get("kv_capacity_tokens"), "memory_rss_bytes": m.process.rss_bytes()}
     if meta:

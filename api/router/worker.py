@@ -41,8 +41,8 @@ def ready_info(engine: AsyncEngine, settings: ServerSettings) -> dict[str, Any]:
     mc, cfg = engine.model_config, engine.config
     return {"pid": os.getpid(), "device": cfg.device, "kv_capacity_tokens": engine.kv_capacity_tokens,
             "n_ctx": cfg.max_model_len, "parallel": cfg.max_num_seqs, "embeddings": settings.embeddings,
-            "arch": mc.arch, "n_vocab": mc.vocab_size, "n_ctx_train": mc.context_length, "n_embd": mc.hidden_size,
-            "n_layers": mc.n_layers}
+            "arch": mc.arch, "format": mc.format, "n_vocab": mc.vocab_size, "n_ctx_train": mc.context_length,
+            "n_embd": mc.hidden_size, "n_layers": mc.n_layers}
 
 
 async def _report(engine: AsyncEngine, settings: ServerSettings, server: uvicorn.Server, control: IO[str]) -> None:

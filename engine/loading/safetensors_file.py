@@ -6,7 +6,8 @@ or a dtype we cannot run is a CheckpointError naming the file and the problem. T
 `QuantTensor`s of type F32/F16/BF16 whose bytes view the mmap (no copy), so the one decoder
 (engine/model.py) and every backend's `prepare_weight` take them as they take GGUF tensors.
 
-The header (8-byte little-endian length, then JSON) is parsed here rather than through
+Reading headers needs no torch (the model router describes folders without it). The header
+(8-byte little-endian length, then JSON) is parsed here rather than through
 `safetensors.safe_open`: the loader needs the byte offsets to map tensors itself, and to drop the
 pages it has read (`release_pages`, as engine/loading/gguf.py does) so that loading a checkpoint
 never holds the whole file in the resident set. The `safetensors` library writes checkpoints
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .gguf import QuantTensor
 
@@ -148,6 +148,8 @@ class SafetensorsCheckpoint:
 
     def tensor(self, name: str) -> QuantTensor:
         """A view of the mmap as the raw rows of a float QuantTensor (copied only if misaligned)."""
+        import torch
+
         e = self.tensors[name]
         ggml_type, item = DTYPES[e.dtype]
         shape = e.shape or (1,)

@@ -66,15 +66,19 @@ class StatusLog:
 
     def __init__(self, base_url: str) -> None:
         self.base_url, self.seen, self._stop = base_url, {}, threading.Event()
+        self._poll()  # the state before anything is asked of the server
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def _poll(self) -> None:
+        for m in httpx.get(self.base_url + "/v1/models", timeout=30).json()["data"]:
+            seq = self.seen.setdefault(m["id"], [])
+            if not seq or seq[-1] != m["status"]["value"]:
+                seq.append(m["status"]["value"])
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            for m in httpx.get(self.base_url + "/v1/models", timeout=30).json()["data"]:
-                seq = self.seen.setdefault(m["id"], [])
-                if not seq or seq[-1] != m["status"]["value"]:
-                    seq.append(m["status"]["value"])
+            self._poll()
             time.sleep(0.02)
 
     def stop(self) -> dict[str, list[str]]:

@@ -40,6 +40,8 @@ def test_models_max_1_evicts_only_after_the_requests_finish(folder) -> None:
                 first_chunk.set()
                 if chunk.choices[0].finish_reason:
                     events["stream_finish"] = chunk.choices[0].finish_reason
+                else:  # more was still to come: the request held its model at this moment
+                    events["last_chunk"] = time.monotonic()
             events["stream_end"], events["chunks"] = time.monotonic(), n
 
         def other_model() -> None:
@@ -51,19 +53,18 @@ def test_models_max_1_evicts_only_after_the_requests_finish(folder) -> None:
         assert first_chunk.wait(60)
         t2 = threading.Thread(target=other_model)
         t2.start()
-        seen_loading = None
+        polls = []  # (answered at, {model: status})
         while t1.is_alive() or t2.is_alive():
             cards = r.models()
-            if "stream_end" not in events:  # while smollm2 still streams, gemma3 waits its turn
-                assert cards["smollm2"]["status"]["value"] == "loaded", cards["smollm2"]
-                assert cards["gemma3"]["status"]["value"] == "unloaded", cards["gemma3"]
-            if cards["gemma3"]["status"]["value"] == "loading" and seen_loading is None:
-                seen_loading = time.monotonic()
+            polls.append((time.monotonic(), {m: c["status"]["value"] for m, c in cards.items()}))
             time.sleep(0.05)
         t1.join()
         t2.join()
         assert events["stream_finish"] == "length" and events["gemma3_text"]
-        assert seen_loading is not None and seen_loading >= events["stream_end"] - 0.2
+        during = [st for t, st in polls if t < events["last_chunk"]]  # answered while smollm2 still streamed
+        assert during and all(st == {"smollm2": "loaded", "gemma3": "unloaded"} for st in during), during
+        loading = [t for t, st in polls if st["gemma3"] == "loading"]
+        assert loading and min(loading) > events["last_chunk"]  # its load began only after the stream
         assert events["gemma3_done"] > events["stream_end"]
         cards = r.models()
         assert cards["smollm2"]["status"]["value"] == "unloaded" and cards["gemma3"]["status"]["value"] == "loaded"

@@ -106,7 +106,7 @@ def test_no_autoload_admin_behind_key_presets_and_idle_unload(folder, tmp_path) 
     preset = tmp_path / "models.toml"
     preset.write_text(PRESET)
     with router_process(folder, "--no-models-autoload", "--api-key", KEY, "--models-preset", str(preset),
-                        "--sleep-idle-seconds", "3") as r:
+                        "--sleep-idle-seconds", "5") as r:
         assert httpx.get(r.base_url + "/health").status_code == 200  # open
         assert httpx.post(r.base_url + "/models/load", json={"model": "tiny"}).status_code == 401
         client = openai.OpenAI(base_url=r.base_url + "/v1", api_key=KEY, timeout=300)

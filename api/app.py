@@ -27,7 +27,7 @@ from .webui import is_webui_path, webui_routes
 if TYPE_CHECKING:
     from engine.core.async_engine import AsyncEngine
 
-    from .server import ServerSettings
+    from .settings import ServerSettings
 
 
 class _ReadyGate:

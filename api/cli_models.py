@@ -33,7 +33,7 @@ def _local(args: argparse.Namespace) -> list[dict[str, Any]]:
     from engine.loading.registry import load_registry, model_path
 
     from .router.catalog import build_catalog
-    from .server import load_settings
+    from .settings import load_settings
 
     settings = load_settings({"models_dir": args.models_dir, "models_preset": args.models_preset,
                               "model": args.model})
@@ -74,7 +74,7 @@ def _remote(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def models_main(args: argparse.Namespace) -> int:
-    from .server import SettingsError
+    from .settings import SettingsError
 
     try:
         rows = _remote(args) if args.base_url else _local(args)

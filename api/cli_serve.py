@@ -9,7 +9,8 @@ import argparse
 import dataclasses
 import sys
 
-from .server import ServerSettings, SettingsError, load_settings, run_server
+from .server import run_server
+from .settings import ServerSettings, SettingsError, load_settings
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from engine.core.async_engine import AsyncEngine
 
     from .runs import Run
-    from .server import ServerSettings
+    from .settings import ServerSettings
 
 BUILD_INFO = "llamatron-0.1.0"
 

@@ -14,7 +14,7 @@ from .errors import CatchAllMiddleware
 from .messages_errors import AnthropicErrors
 
 if TYPE_CHECKING:
-    from .server import ServerSettings
+    from .settings import ServerSettings
 
 
 def edge_middleware(settings: ServerSettings) -> tuple[list[Middleware], bool]:

@@ -15,7 +15,8 @@ from starlette.applications import Starlette
 
 from ..errors import EXCEPTION_HANDLERS
 from ..middleware import edge_middleware
-from ..server import ServerSettings, SettingsError, uvicorn_config
+from ..server import uvicorn_config
+from ..settings import ServerSettings, SettingsError
 from ..webui import webui_routes
 from .catalog import ModelSpec, build_catalog
 from .manager import ModelManager

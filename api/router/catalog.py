@@ -20,7 +20,7 @@ from engine.loading.discovery import FoundModel, pulled_models, scan_models_dir
 from engine.loading.model_info import ModelInfo, describe
 from engine.loading.registry import RegistryError, resolve
 
-from ..server import ServerSettings, SettingsError, validate_settings
+from ..settings import ServerSettings, SettingsError, validate_settings
 from .presets import Presets, load_presets
 
 ROUTER_ONLY = dict(host="127.0.0.1", port=8080, api_key=[], api_key_file="", cors_origin=[], no_webui=True,

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import APIError
-from ..server import ServerSettings
+from ..settings import ServerSettings
 from .catalog import ModelSpec, worker_settings
 from .process import LoadFailed, ModelProcess
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..server import SettingsError, coerce_setting
+from ..settings import SettingsError, coerce_setting
 
 # the ServerSettings fields a model's worker may have its own value of
 PER_MODEL = frozenset({

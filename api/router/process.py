@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from ..server import ServerSettings
+from ..settings import ServerSettings
 
 log = logging.getLogger("llamatron.router")
 TAIL_LINES = 30

@@ -21,7 +21,7 @@ from ..context import BUILD_INFO
 from ..errors import APIError
 from ..metrics import CONTENT_TYPE
 from ..runs import read_json_body
-from ..server import ServerSettings
+from ..settings import ServerSettings
 from .manager import Lease, ManagedModel, ModelManager, Status, load_failed_error
 from .metrics import RouterMetrics
 from .proxy import forward

@@ -21,7 +21,8 @@ import sys
 import threading
 from typing import IO, TYPE_CHECKING, Any
 
-from ..server import ServerSettings, make_uvicorn_server, setup_logging, uvicorn_config
+from ..server import make_uvicorn_server, setup_logging, uvicorn_config
+from ..settings import ServerSettings
 
 if TYPE_CHECKING:
     import uvicorn

@@ -55,32 +55,34 @@ async def _forward(scope: Scope, receive: Receive, send: Send, lease: Lease, bod
     except httpx.TransportError as e:
         raise APIError(503, f"The model '{lease.model.id}' is not answering ({type(e).__name__}); retry later.",
                        code="model_unavailable", headers={"Retry-After": "2"}) from None
-    gone = asyncio.ensure_future(_wait_disconnect(receive))
     try:
         out_headers = [(k, v) for k, v in upstream.headers.raw if k.decode("latin-1").lower() not in DROP_RESPONSE]
         await send({"type": "http.response.start", "status": upstream.status_code, "headers": out_headers})
-        chunks = upstream.aiter_raw().__aiter__()
-        while True:
-            nxt = asyncio.ensure_future(chunks.__anext__())
-            done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if gone in done:  # the client left: closing the worker connection aborts the request there
-                nxt.cancel()
+        pump = asyncio.ensure_future(_pump(upstream, send, lease.model.id))
+        gone = asyncio.ensure_future(_wait_disconnect(receive))
+        done, _ = await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
+        # a client that left first cancels the pump, whose connection to the worker closes: that
+        # aborts the request there
+        for t in (pump, gone):
+            if t not in done:
+                t.cancel()
                 with contextlib.suppress(BaseException):
-                    await nxt
-                return
-            try:
-                chunk = nxt.result()
-            except StopAsyncIteration:
-                break
-            except httpx.HTTPError as e:  # the worker went away mid-answer: end what was sent
-                log.warning("model %s: answer cut off: %s", lease.model.id, e)
-                break
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    await t
+        if pump in done:
+            pump.result()
     finally:
-        gone.cancel()
         with contextlib.suppress(BaseException):
             await upstream.aclose()
+
+
+async def _pump(upstream: httpx.Response, send: Send, model_id: str) -> None:
+    """The worker's answer, chunk by chunk as it arrives (one task per request, not per chunk)."""
+    try:
+        async for chunk in upstream.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except httpx.HTTPError as e:  # the worker went away mid-answer: end what was sent
+        log.warning("model %s: answer cut off: %s", model_id, e)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def fetch(process: ModelProcess, path: str, timeout: float = 5.0) -> httpx.Response | None:

@@ -58,12 +58,17 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+def model_meta(engine: AsyncEngine) -> dict[str, Any]:
+    """A loaded model's `meta` in /v1/models (the router shows its workers' the same way)."""
+    mc = engine.model_config
+    return {"arch": mc.arch, "format": mc.format, "n_vocab": mc.vocab_size, "n_ctx": engine.config.max_model_len,
+            "n_ctx_train": mc.context_length, "n_embd": mc.hidden_size, "n_layers": mc.n_layers}
+
+
 def _model_card(ctx: AppContext) -> dict[str, Any]:
     card: dict[str, Any] = {"id": ctx.model_id, "object": "model", "created": ctx.created, "owned_by": "llamatron"}
     if ctx.ready:
-        mc = ctx.engine.model_config
-        card["meta"] = {"arch": mc.arch, "format": mc.format, "n_vocab": mc.vocab_size, "n_ctx": ctx.engine.config.max_model_len,
-                        "n_ctx_train": mc.context_length, "n_embd": mc.hidden_size, "n_layers": mc.n_layers}
+        card["meta"] = model_meta(ctx.engine)
     return card
 
 

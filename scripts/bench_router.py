@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench_engine import machine  # noqa: E402
-from scripts.bench_served import per_stream, run_one  # noqa: E402
+from scripts.bench_served import add_load_args, per_stream, run_one  # noqa: E402
 
 
 def table(direct: dict, router: dict) -> str:
@@ -42,15 +42,7 @@ def table(direct: dict, router: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="registry name or .gguf path")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--server-cpus", default="0")
-    ap.add_argument("--client-cpus", default="1")
-    ap.add_argument("--concurrency", default="1,8")
-    ap.add_argument("--num-requests", type=int, default=16)
-    ap.add_argument("--input-len", type=int, default=200)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--parallel", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
+    add_load_args(ap, concurrency="1,8")
     args = ap.parse_args()
 
     from engine.loading.registry import resolve

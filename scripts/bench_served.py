@@ -96,19 +96,24 @@ def report(a: dict, b: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--llama-server", required=True, help="path to a llama-server binary built from source")
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="registry name or .gguf path")
+def add_load_args(ap: argparse.ArgumentParser, concurrency: str) -> None:
+    """The pinning and load flags `run_one` reads (shared with scripts/bench_router.py)."""
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--server-cpus", default="0")
     ap.add_argument("--client-cpus", default="1")
-    ap.add_argument("--concurrency", default="1,4,8,16")
+    ap.add_argument("--concurrency", default=concurrency)
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llama-server", required=True, help="path to a llama-server binary built from source")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="registry name or .gguf path")
+    add_load_args(ap, concurrency="1,4,8,16")
     ap.add_argument("--json", default=None, help="write both runs and the table here")
     args = ap.parse_args()
 

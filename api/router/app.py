@@ -72,5 +72,6 @@ async def serve_router(settings: ServerSettings, sock: socket.socket | None = No
         await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         await manager.shutdown()
+        ctx.offload.shutdown()
         shutil.rmtree(runtime, ignore_errors=True)
     return 0

@@ -66,7 +66,6 @@ class ManagedModel:
     file_stamp: tuple[float, int] = (0.0, 0)
     info: dict[str, Any] = field(default_factory=dict)  # the worker's ready info
     load_seconds: float = 0.0
-    loads: int = 0
     cancel_load: bool = False
 
     @property
@@ -180,6 +179,17 @@ class ModelManager:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    async def _until(self, done: Callable[[], bool], deadline: float | None = None) -> bool:
+        """Waits until `done()` holds, looking again at every change, or until `deadline`."""
+        while not done():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            changed = self._changed  # taken right after looking: a change from here on wakes us
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+        return True
+
     # ---- loading -------------------------------------------------------------------------------
     def _has_room(self) -> bool:
         return not self.settings.models_max or len(self.resident()) < self.settings.models_max
@@ -222,7 +232,7 @@ class ModelManager:
                     self._on_event(m.id, "load_failed")
                 self._notify()
                 return
-            m.status, m.load_failed, m.loads = Status.LOADED, False, m.loads + 1
+            m.status, m.load_failed = Status.LOADED, False
             m.load_seconds, m.last_used = time.monotonic() - t0, time.monotonic()
             log.info("model %s loaded in %.1f s (pid %s)", m.id, m.load_seconds, proc.pid)
             self._on_event(m.id, "loaded")
@@ -264,11 +274,7 @@ class ModelManager:
         return self._spawn(self._finish_unload(m, reason))
 
     async def _finish_unload(self, m: ManagedModel, reason: str) -> None:
-        deadline = time.monotonic() + self.settings.grace_period
-        while m.in_flight and time.monotonic() < deadline:
-            changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), max(deadline - time.monotonic(), 0.01))
+        await self._until(lambda: m.in_flight == 0, time.monotonic() + self.settings.grace_period)
         proc, m.process = m.process, None
         if proc is not None:
             await proc.stop(self.settings.grace_period)
@@ -282,9 +288,7 @@ class ModelManager:
         task = self.begin_unload(m, reason)
         if task is not None:
             await asyncio.shield(task)
-        while m.status in (Status.LOADING, Status.UNLOADING):  # a cancelled load: until it has stopped
-            changed = self._changed
-            await changed.wait()
+        await self._until(lambda: m.status not in (Status.LOADING, Status.UNLOADING))  # a cancelled load too
 
     async def _sleep_idle(self) -> None:
         idle_s = self.settings.sleep_idle_seconds

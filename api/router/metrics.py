@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -19,10 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ..metrics import PREFIX
+from .manager import ManagedModel, ModelManager, Status
 from .proxy import fetch
-
-if TYPE_CHECKING:
-    from .manager import ManagedModel, ModelManager
 
 
 class _Snapshot(Collector):
@@ -53,8 +50,6 @@ class RouterMetrics:
 
     async def render(self, manager: ModelManager, only: ManagedModel | None = None) -> bytes:
         models = [only] if only is not None else list(manager.models.values())
-        from .manager import Status
-
         families = _state(models) + await _workers([m for m in models if m.status is Status.LOADED])
         out = generate_latest(self.registry) if only is None else b""
         snap = CollectorRegistry(auto_describe=False)
@@ -63,8 +58,6 @@ class RouterMetrics:
 
 
 def _state(models: list[ManagedModel]) -> list[Metric]:
-    from .manager import Status
-
     status = GaugeMetricFamily(PREFIX + "router_model_status", "1 for the model's current status",
                                labels=["model", "status"])
     gauges = {

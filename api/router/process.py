@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ class ModelProcess:
             sys.executable, "-m", "api.router.worker", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
             limit=1 << 20)
-        request = {"settings": _plain(self.settings), "socket": str(self.socket_path)}
+        request = {"settings": dataclasses.asdict(self.settings), "socket": str(self.socket_path)}
         assert self.proc.stdin is not None
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         await self.proc.stdin.drain()  # the pipe stays open: its EOF tells the worker we are gone
@@ -158,15 +160,7 @@ class ModelProcess:
         return self.proc.returncode
 
 
-def _plain(settings: ServerSettings) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(settings)
-
-
 def runtime_dir() -> Path:
     """A private folder for the workers' sockets (0700: no other user can connect to a worker)."""
-    import tempfile
-
     base = os.environ.get("XDG_RUNTIME_DIR") or None
     return Path(tempfile.mkdtemp(prefix="llamatron-router-", dir=base))

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from ..context import BUILD_INFO
 from ..errors import APIError
 from ..metrics import CONTENT_TYPE
+from ..offload import Offloader, Progress
 from ..runs import read_json_body
 from ..settings import ServerSettings
 from .manager import Lease, ManagedModel, ModelManager, Status, load_failed_error
@@ -44,6 +45,7 @@ class RouterContext:
     metrics: RouterMetrics
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
+    offload: Offloader = field(default_factory=lambda: Offloader(budget_s=10.0))  # body scans off the loop
 
     @property
     def body_limit(self) -> int:
@@ -64,6 +66,18 @@ def _ctx(request: Request) -> RouterContext:
     return request.app.state.router
 
 
+def _named_model(progress: Progress, raw: bytearray) -> str | None:
+    progress.param = "model"
+    return body_model(raw)
+
+
+async def _body_and_model(request: Request, ctx: RouterContext, limit: int) -> tuple[bytearray, str | None]:
+    """The request's body (size and arrival bounded) and the model it names, found off the event
+    loop (a scan of up to the whole body; a decode when it names none)."""
+    body = await read_json_body(request, limit, ctx.settings.body_timeout_s)
+    return body, await ctx.offload.run(_named_model, body)
+
+
 class Forwarded(Response):
     """The worker's answer, relayed as it comes (api/router/proxy.py)."""
 
@@ -78,8 +92,8 @@ class Forwarded(Response):
 async def forward_post(request: Request) -> Response:
     ctx = _ctx(request)
     ctx.check_admitting()
-    body = await read_json_body(request, ctx.body_limit, ctx.settings.body_timeout_s)
-    m = pick(ctx.manager, body_model(body) or request.query_params.get("model"))
+    body, name = await _body_and_model(request, ctx, ctx.body_limit)
+    m = pick(ctx.manager, name or request.query_params.get("model"))
     lease = await ctx.manager.acquire(m, autoload=ctx.autoload(request))
     return Forwarded(lease, bytes(body))
 
@@ -138,8 +152,7 @@ async def model(request: Request) -> Response:
 async def _admin_target(request: Request) -> tuple[RouterContext, ManagedModel]:
     ctx = _ctx(request)
     ctx.check_admitting()
-    body = await read_json_body(request, 2**20, ctx.settings.body_timeout_s)
-    name = body_model(body)
+    _, name = await _body_and_model(request, ctx, 2**20)
     if not name:
         raise APIError(400, "Name the model in the body: {\"model\": \"...\"}.", param="model", code="model_required")
     return ctx, pick(ctx.manager, name)

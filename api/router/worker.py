@@ -38,12 +38,14 @@ def _emit(control: IO[str], event: dict[str, Any]) -> None:
 
 
 def ready_info(engine: AsyncEngine, settings: ServerSettings) -> dict[str, Any]:
-    """What the router shows of a loaded model (llama-server's `meta` fields and ours)."""
-    mc, cfg = engine.model_config, engine.config
-    return {"pid": os.getpid(), "device": cfg.device, "kv_capacity_tokens": engine.kv_capacity_tokens,
-            "n_ctx": cfg.max_model_len, "parallel": cfg.max_num_seqs, "embeddings": settings.embeddings,
-            "arch": mc.arch, "format": mc.format, "n_vocab": mc.vocab_size, "n_ctx_train": mc.context_length,
-            "n_embd": mc.hidden_size, "n_layers": mc.n_layers}
+    """What the router shows of a loaded model: its `meta` as the single-model server gives it,
+    and the worker's own facts."""
+    from ..app import model_meta
+
+    cfg = engine.config
+    return {**model_meta(engine), "pid": os.getpid(), "device": cfg.device,
+            "kv_capacity_tokens": engine.kv_capacity_tokens, "parallel": cfg.max_num_seqs,
+            "embeddings": settings.embeddings}
 
 
 async def _report(engine: AsyncEngine, settings: ServerSettings, server: uvicorn.Server, control: IO[str]) -> None:
